@@ -1,0 +1,39 @@
+# vitserve — every target creates .venv and installs what it needs; nothing is done by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: serve test lint demo-model clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Serving needs only the server's dependencies (no torch).
+$(VENV)/.serve: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[cpu]'
+	touch $@
+
+# Tests, training and export need everything.
+$(VENV)/.dev: pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[cpu,train,dev]'
+	touch $@ $(VENV)/.serve
+
+serve: $(VENV)/.serve
+	$(PY) -m server --model-repo model_repo --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest
+
+demo-model: $(VENV)/.dev
+	$(PY) -m training demo --repo model_repo
+
+clean-venv:
+	rm -rf $(VENV)
