@@ -160,9 +160,7 @@ class ModelConfig(_Strict):
             if side % p:
                 raise ValueError(f"resolution {hw[0]}x{hw[1]}: each side must be a multiple of {p}")
             if not r.min <= side <= r.max:
-                raise ValueError(
-                    f"resolution {hw[0]}x{hw[1]}: each side must be between {r.min} and {r.max}"
-                )
+                raise ValueError(f"resolution {hw[0]}x{hw[1]}: each side must be between {r.min} and {r.max}")
 
     def grid_for(self, hw: tuple[int, int]) -> tuple[int, int]:
         self.check_resolution(hw)

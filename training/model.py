@@ -143,8 +143,10 @@ class HybridEmbed(nn.Module):
         )
         stages, cin = [], w0
         for i, (width, depth) in enumerate(zip(cfg.hybrid_widths, cfg.hybrid_depths, strict=True)):
-            blocks = [BasicBlock(cin if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1)
-                      for j in range(depth)]
+            blocks = [
+                BasicBlock(cin if j == 0 else width, width, 2 if (i > 0 and j == 0) else 1)
+                for j in range(depth)
+            ]
             stages.append(nn.Sequential(*blocks))
             cin = width
         self.stages = nn.Sequential(*stages)
@@ -251,11 +253,8 @@ class VisionTransformer(nn.Module):
         grid = (feat.shape[-2], feat.shape[-1])
         patches = feat.flatten(2).transpose(1, 2)  # (B, N, D)
         pos = self.pos_embed
-        if pos_rows is None or pos_cols is None:
-            if grid != self.cfg.grid:
-                pos_rows, pos_cols = resample_matrices(
-                    self.cfg.grid, grid, self.cfg.pos_embed_interpolation, pos
-                )
+        if (pos_rows is None or pos_cols is None) and grid != self.cfg.grid:
+            pos_rows, pos_cols = resample_matrices(self.cfg.grid, grid, self.cfg.pos_embed_interpolation, pos)
         if pos_rows is not None and pos_cols is not None:
             pos = apply_resample(pos, self.cfg.grid, pos_rows.to(pos.dtype), pos_cols.to(pos.dtype))
         cls = self.cls_token.expand(patches.shape[0], -1, -1)

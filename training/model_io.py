@@ -16,7 +16,7 @@ import torch
 
 from server.model_config import Preprocess
 from training.errors import UserError
-from training.model import ViTConfig, VisionTransformer
+from training.model import VisionTransformer, ViTConfig
 
 REQUIRED_KEYS = ("model_config", "model", "labels", "preprocess")
 
