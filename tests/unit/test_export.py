@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
+from pydantic import BaseModel
 
 from server.model_config import ModelConfig, Preprocess, Resolutions
 from server.pos_resample import resample_matrix
@@ -271,3 +272,18 @@ def export_config_for(image_size, patch) -> ModelConfig:
     cfg = ViTConfig(image_size=image_size, patch_size=patch, embed_dim=8, depth=1, num_heads=1, num_classes=2)
     model = VisionTransformer(cfg)
     return build_model_config(model, name="x", labels=["a", "b"], preprocess=Preprocess())
+
+
+def _field_names(model: type[BaseModel]) -> set[str]:
+    names = set()
+    for name, info in model.model_fields.items():
+        names.add(name)
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            names |= _field_names(info.annotation)
+    return names
+
+
+def test_model_repo_readme_documents_every_config_field():
+    text = (Path(__file__).resolve().parents[2] / "model_repo" / "README.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in _field_names(ModelConfig) if f"{name}`" not in text)
+    assert not missing, f"model_repo/README.md does not document {missing}"
