@@ -85,7 +85,9 @@ def test_server_services_match_their_images(compose: dict[str, Any]) -> None:
 
 def test_model_repository_is_mounted_read_only(compose: dict[str, Any]) -> None:
     for name, service in server_services(compose).items():
-        mounts = [v for v in service["volumes"] if v["target"] == service["environment"]["VITSERVE_MODEL_REPO"]]
+        mounts = [
+            v for v in service["volumes"] if v["target"] == service["environment"]["VITSERVE_MODEL_REPO"]
+        ]
         assert len(mounts) == 1, name
         assert mounts[0]["source"] == "./model_repo" and mounts[0]["read_only"] is True
         assert (REPO / "model_repo").is_dir()
@@ -99,7 +101,9 @@ def test_healthcheck_restart_limits_and_drain(compose: dict[str, Any]) -> None:
         assert "cpus" in service["deploy"]["resources"]["limits"]
         assert "memory" in service["deploy"]["resources"]["limits"]
         grace = float(service["stop_grace_period"].rstrip("s"))
-        assert grace > Settings.model_fields["shutdown_timeout_s"].default, "docker would kill a draining server"
+        assert grace > Settings.model_fields["shutdown_timeout_s"].default, (
+            "docker would kill a draining server"
+        )
         assert service["init"] is True
 
 
@@ -121,14 +125,18 @@ def test_train_profile_runs_the_training_image(compose: dict[str, Any]) -> None:
 
 def test_monitoring_mounts_point_at_repository_files(compose: dict[str, Any]) -> None:
     prometheus = compose["services"]["prometheus"]
-    config_dir = next(v for v in prometheus["volumes"] if isinstance(v, dict) and v["target"] == "/etc/prometheus")
+    config_dir = next(
+        v for v in prometheus["volumes"] if isinstance(v, dict) and v["target"] == "/etc/prometheus"
+    )
     assert (REPO / config_dir["source"] / "prometheus.yml").is_file()
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
-    grafana_targets = {v["target"]: v["source"] for v in compose["services"]["grafana"]["volumes"] if isinstance(v, dict)}
+    grafana_targets = {
+        v["target"]: v["source"] for v in compose["services"]["grafana"]["volumes"] if isinstance(v, dict)
+    }
     assert (REPO / grafana_targets["/etc/grafana/provisioning"] / "datasources" / "prometheus.yml").is_file()
     assert (REPO / grafana_targets["/var/lib/grafana/dashboards"] / "vitserve.json").is_file()
     for name in ("prometheus", "grafana"):
-        image, _, tag = compose["services"][name]["image"].partition(":")
+        tag = compose["services"][name]["image"].partition(":")[2]
         assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin the image version"
 
 

@@ -1,4 +1,4 @@
-"""docker/entrypoint.sh: thread settings from the cgroup CPU quota, overrides, and how it starts the server."""
+"""docker/entrypoint.sh: threads from the cgroup CPU quota, overrides, and how it starts the server."""
 
 from __future__ import annotations
 
@@ -36,7 +36,12 @@ def run_entrypoint(fake_bin: Path, cgroup: Path, *args: str, **env: str) -> subp
 def threads(fake_bin: Path, cgroup: Path, **env: str) -> dict[str, str]:
     out = run_entrypoint(fake_bin, cgroup, "env", **env).stdout
     pairs = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    keys = ("VITSERVE_INTRA_OP_THREADS", "VITSERVE_INTER_OP_THREADS", "VITSERVE_DECODE_THREADS", "OMP_NUM_THREADS")
+    keys = (
+        "VITSERVE_INTRA_OP_THREADS",
+        "VITSERVE_INTER_OP_THREADS",
+        "VITSERVE_DECODE_THREADS",
+        "OMP_NUM_THREADS",
+    )
     return {k: pairs[k] for k in keys}
 
 
@@ -79,11 +84,15 @@ def test_no_cgroup_files_falls_back_to_nproc(tmp_path: Path, fake_bin: Path) -> 
 
 
 def test_quota_above_the_cpu_set_is_capped(tmp_path: Path, fake_bin: Path) -> None:
-    assert threads(fake_bin, cgroup_v2(tmp_path, "6400000 100000"))["VITSERVE_DECODE_THREADS"] == str(HOST_CPUS)
+    assert threads(fake_bin, cgroup_v2(tmp_path, "6400000 100000"))["VITSERVE_DECODE_THREADS"] == str(
+        HOST_CPUS
+    )
 
 
 def test_operator_settings_win(tmp_path: Path, fake_bin: Path) -> None:
-    got = threads(fake_bin, cgroup_v2(tmp_path, "200000 100000"), VITSERVE_INTRA_OP_THREADS="7", OMP_NUM_THREADS="3")
+    got = threads(
+        fake_bin, cgroup_v2(tmp_path, "200000 100000"), VITSERVE_INTRA_OP_THREADS="7", OMP_NUM_THREADS="3"
+    )
     assert got["VITSERVE_INTRA_OP_THREADS"] == "7" and got["OMP_NUM_THREADS"] == "3"
     assert got["VITSERVE_DECODE_THREADS"] == "2"
 
@@ -107,6 +116,8 @@ def test_execs_the_server_instead_of_forking(tmp_path: Path, fake_bin: Path) -> 
     (fake_bin / "python").write_text("#!/bin/sh\necho $$\n")
     script = f'echo $$; exec sh "{ENTRYPOINT}"'
     clean = {**os.environ, "PATH": f"{fake_bin}:/usr/bin:/bin", "ENTRYPOINT_CGROUP_ROOT": str(tmp_path)}
-    out = subprocess.run(["sh", "-c", script], env=clean, capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+        ["sh", "-c", script], env=clean, capture_output=True, text=True, timeout=30, check=True
+    )
     outer, inner = out.stdout.split()
     assert outer == inner

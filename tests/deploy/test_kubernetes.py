@@ -67,7 +67,9 @@ def _version(name: str) -> tuple[int, ...]:
 
 def validate_custom(doc: dict[str, Any]) -> None:
     schema = json.loads((SCHEMAS / CUSTOM_SCHEMAS[(doc["apiVersion"], doc["kind"])]).read_text())
-    registry = Registry().with_resource("https://kubernetes.io/api/_definitions.json", kubernetes_definitions())
+    registry = Registry().with_resource(
+        "https://kubernetes.io/api/_definitions.json", kubernetes_definitions()
+    )
     jsonschema.Draft202012Validator(schema, registry=registry).validate(doc)
 
 
@@ -79,11 +81,20 @@ def validate(doc: dict[str, Any]) -> None:
 
 
 def test_kustomization_renders_the_expected_objects(objects: dict[str, dict[str, Any]]) -> None:
-    expected = {"Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"}
+    expected = {
+        "Namespace",
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+    }
     assert set(objects) == expected
 
 
-@pytest.mark.parametrize("kind", ["Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"])
+@pytest.mark.parametrize(
+    "kind", ["Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
+)
 def test_builtin_objects_match_the_kubernetes_schema(objects: dict[str, dict[str, Any]], kind: str) -> None:
     validate(objects[kind])
 
@@ -132,10 +143,14 @@ def test_deployment_probes_and_settings(objects: dict[str, dict[str, Any]]) -> N
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port["name"]}
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": port["name"]}
     pod = objects["Deployment"]["spec"]["template"]["spec"]
-    drain = Settings.model_fields["shutdown_timeout_s"].default + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = (
+        Settings.model_fields["shutdown_timeout_s"].default + c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    )
     assert pod["terminationGracePeriodSeconds"] > drain
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
-    assert c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]  # the entrypoint sizes threads to it
+    assert (
+        c["resources"]["limits"]["cpu"] == c["resources"]["requests"]["cpu"]
+    )  # the entrypoint sizes threads to it
 
 
 def test_service_hpa_pdb_and_monitor_select_the_pods(objects: dict[str, dict[str, Any]]) -> None:
@@ -152,7 +167,9 @@ def test_service_hpa_pdb_and_monitor_select_the_pods(objects: dict[str, dict[str
     assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert monitor["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
     assert monitor["endpoints"][0]["path"] == "/metrics"
-    assert {"targetLabel": "job", "replacement": "vitserve", "action": "replace"} in monitor["endpoints"][0]["relabelings"]
+    assert {"targetLabel": "job", "replacement": "vitserve", "action": "replace"} in monitor["endpoints"][0][
+        "relabelings"
+    ]
     namespaces = {o["metadata"].get("namespace") for o in objects.values() if o["kind"] != "Namespace"}
     assert namespaces == {objects["Namespace"]["metadata"]["name"]}
 
@@ -162,7 +179,9 @@ def test_kserve_predictor_speaks_v2_from_the_downloaded_repository(kserve: dict[
     values = env(c)
     assert c["name"] == "kserve-container"
     assert set(values) - {"STORAGE_URI"} <= SETTINGS_ENV
-    assert values["VITSERVE_MODEL_REPO"] == "/mnt/models"  # where KServe's storage initializer puts STORAGE_URI
+    assert (
+        values["VITSERVE_MODEL_REPO"] == "/mnt/models"
+    )  # where KServe's storage initializer puts STORAGE_URI
     assert c["ports"][0]["containerPort"] == int(values["VITSERVE_PORT"])
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
