@@ -1,0 +1,119 @@
+"""The limit a server is measured against: ONNX Runtime alone, in this process, no HTTP.
+
+Three figures per model: the best images/s over batch sizes on ready tensors; the same batch with
+decoding and preprocessing included (the server's own `server.preprocess.prepare`, on a thread pool
+as wide as the machine); and one image end to end at batch 1, the floor for a lone request's latency.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.images import EncodedImage
+from server.model_config import ModelConfig
+from server.pos_resample import resample_matrix
+from server.preprocess import DecodeLimits, prepare
+
+Decoder = Callable[[bytes], np.ndarray]
+
+
+class OrtModel:
+    """One CPU session, set up as vitserve's defaults set theirs up (intra-op = cores, inter-op = 1)."""
+
+    def __init__(self, path: Path, config: ModelConfig, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # the identity defaults of the matrix inputs are meant to be inputs
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.config = config
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a float32 (N, 3, H, W) batch; the resampling inputs are built for its H, W."""
+        cfg, io = self.config, self.config.onnx
+        gh, gw = cfg.grid_for((batch.shape[2], batch.shape[3]))
+        method = cfg.pos_embed_interpolation
+        feeds = {
+            io.input: batch,
+            io.pos_rows: resample_matrix(cfg.native_grid[0], gh, method),
+            io.pos_cols: resample_matrix(cfg.native_grid[1], gw, method),
+        }
+        return self.session.run([io.output], feeds)[0]
+
+
+def decoder(config: ModelConfig, hw: tuple[int, int]) -> Decoder:
+    """Bytes -> (3, H, W) float32 with exactly the code the server runs per upload."""
+    limits, spec = DecodeLimits(), config.preprocess
+    return lambda data: prepare(data, limits, hw, spec)
+
+
+def _durations(fn: Callable[[], object], min_seconds: float, min_calls: int = 3) -> list[float]:
+    fn()  # warm-up: first-run allocations and kernel selection
+    out: list[float] = []
+    while sum(out) < min_seconds or len(out) < min_calls:
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def batch_sweep(model: OrtModel, tensors: np.ndarray, batch_sizes: list[int], min_seconds: float) -> dict:
+    """images/s at each batch size on ready tensors (median call time), and the best of them."""
+    per_batch = {}
+    for b in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(tensors, (b, *tensors.shape[1:])))
+        per_batch[b] = b / statistics.median(_durations(lambda batch=batch: model.run(batch), min_seconds))
+    best = max(per_batch, key=per_batch.get)
+    return {"per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best]}
+
+
+def decode_included(
+    model: OrtModel, images: list[EncodedImage], decode: Decoder, batch: int, min_seconds: float
+) -> float:
+    """images/s when each batch is decoded (on a pool as wide as the machine) and then run."""
+    payloads = [images[i % len(images)].data for i in range(batch)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+
+        def step() -> None:
+            model.run(np.stack(list(pool.map(decode, payloads))))
+
+        return batch / statistics.median(_durations(step, min_seconds))
+
+
+def single_image(model: OrtModel, images: list[EncodedImage], decode: Decoder, calls: int) -> dict:
+    """Median milliseconds for one image at batch 1: decode + preprocess, inference, and both."""
+    decode_ms, infer_ms = [], []
+    model.run(decode(images[0].data)[None])
+    for i in range(calls):
+        t0 = time.perf_counter()
+        x = decode(images[i % len(images)].data)[None]
+        t1 = time.perf_counter()
+        model.run(x)
+        t2 = time.perf_counter()
+        decode_ms.append((t1 - t0) * 1e3)
+        infer_ms.append((t2 - t1) * 1e3)
+    total = [d + i for d, i in zip(decode_ms, infer_ms, strict=True)]
+    return {
+        "decode_ms": statistics.median(decode_ms),
+        "infer_ms": statistics.median(infer_ms),
+        "total_ms": statistics.median(total),
+    }
+
+
+def top1_agreement(reference: OrtModel, other: OrtModel, tensors: np.ndarray, batch: int = 16) -> float:
+    """Fraction of images whose arg-max class is the same under both models."""
+    same = 0
+    for start in range(0, len(tensors), batch):
+        chunk = tensors[start : start + batch]
+        same += int((reference.run(chunk).argmax(1) == other.run(chunk).argmax(1)).sum())
+    return same / len(tensors)

@@ -1,0 +1,125 @@
+"""Results dict → Markdown: machine, peak, in-process limit, servers, and the issue's targets."""
+
+from __future__ import annotations
+
+from benchmarks.targets import evaluate
+
+
+def _f(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def machine_section(meta: dict) -> list[str]:
+    flags = ", ".join(meta.get("cpu_flags") or []) or "none of note"
+    pkgs = ", ".join(f"{k} {v}" for k, v in (meta.get("packages") or {}).items() if v)
+    return [
+        "## Machine",
+        "",
+        f"- CPU: {meta.get('cpu_model')} ({meta.get('cores')} cores, {meta.get('threads_per_core')} thread(s)"
+        f" per core, hypervisor: {meta.get('hypervisor') or 'none'}); features: {flags}",
+        f"- Date: {meta.get('date')}; commit {meta.get('commit')}; Python {meta.get('python')}; {pkgs}",
+        f"- Command: `{meta.get('command')}`",
+    ]
+
+
+def peak_section(peak: dict) -> list[str]:
+    if not peak:
+        return []
+    n = peak["gemm_n"]
+    rows = [
+        [f"NumPy fp32 GEMM {n}³", f"{peak['numpy_fp32_flops'] / 1e9:.0f} GFLOP/s"],
+        [f"ONNX Runtime fp32 MatMul {n}³", f"{peak['ort_fp32_flops'] / 1e9:.0f} GFLOP/s"],
+        [f"ONNX Runtime int8 MatMulInteger {n}³", f"{peak['ort_int8_ops'] / 1e9:.0f} GOP/s"],
+    ]
+    return ["## The machine's matrix-multiply rate (peak)", "", *_table(["what", "rate"], rows)]
+
+
+def _peak_for(peak: dict, variant: str) -> float | None:
+    if not peak:
+        return None
+    if variant == "int8":
+        return peak["ort_int8_ops"]
+    return max(peak["numpy_fp32_flops"], peak["ort_fp32_flops"])
+
+
+def offline_section(results: dict) -> list[str]:
+    rows = []
+    for r in results["offline"]:
+        peak = _peak_for(results["peak"], r["variant"])
+        achieved = r["flops_per_image"] * r["images_per_s"]
+        one = r["single_image"]
+        rows.append([
+            r["model"], r["variant"], "×".join(map(str, r["resolution"])), _f(r["flops_per_image"] / 1e9, 2),
+            str(r["best_batch"]), _f(r["images_per_s"]), _f(100 * achieved / peak if peak else None),
+            _f(r["decode_images_per_s"]),
+            f"{_f(one['decode_ms'])} / {_f(one['infer_ms'])} / {_f(one['total_ms'])}",
+            _f(100 * r["top1_agreement"]) + " %" if "top1_agreement" in r else "–",
+        ])  # fmt: skip
+    header = ["model", "variant", "resolution", "GFLOP/image", "best batch", "images/s (tensors)",
+              "% of peak", "images/s (decode incl.)", "1 image ms: decode / infer / total",
+              "top-1 = fp32"]  # fmt: skip
+    kind = results["offline"][0]["image_kind"] if results["offline"] else "?"
+    return [
+        "## The limit: ONNX Runtime in-process, no HTTP",
+        "",
+        f"Decode-included figures decode `{kind}` uploads with `server.preprocess.prepare` (the server's"
+        " code) on a thread pool as wide as the machine, then run the batch. % of peak: model FLOPs ×"
+        " images/s over the GEMM rate above (int8 against the int8 rate).",
+        "",
+        *_table(header, rows),
+    ]
+
+
+def _split_cell(split: dict, key: str, scale: float) -> str:
+    mean = split.get(key, {}).get("mean")
+    return _f(mean * scale if mean is not None else None, 2 if scale == 1 else 1)
+
+
+def server_row(r: dict) -> list[str]:
+    if "skipped" in r:
+        return [r.get("label", r["server"]), r.get("point", ""), f"skipped: {r['skipped']}"] + [""] * 12
+    lat, split = r["latency"], r.get("split", {})
+    errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
+    resolution = r["query"].get("resolution", "native")
+    load = r["point"] + (f" ({r['spec']['rate']:.1f}/s)" if r["spec"]["mode"] == "open" else "")
+    return [
+        r["label"], load, r["model"], r["variant"], resolution, r["image_kind"], _f(r["images_per_s"]),
+        _f(lat["p50_ms"]), _f(lat["p90_ms"]), _f(lat["p99_ms"]), _f(lat["max_ms"]), errors,
+        _split_cell(split, "batch_size", 1), _split_cell(split, "queue_wait_s", 1e3),
+        _split_cell(split, "inference_s", 1e3),
+    ]  # fmt: skip
+
+
+def servers_section(results: dict) -> list[str]:
+    header = ["server", "load", "model", "variant", "resolution", "input", "images/s", "p50 ms", "p90 ms",
+              "p99 ms", "max ms", "non-200", "mean batch", "queue wait ms", "inference ms/batch"]  # fmt: skip
+    return [
+        "## Servers, same model file, same images, same machine",
+        "",
+        "Closed loop `c=N`: N requests in flight, one image each (multipart upload). Open loop: Poisson"
+        " arrivals at a multiple of the server's own `c=32` throughput. Batch and time split from the"
+        " server's `/metrics` (vitserve only), over the measured window.",
+        "",
+        *_table(header, [server_row(r) for r in results["servers"]]),
+    ]
+
+
+def targets_section(results: dict) -> list[str]:
+    rows = [[t["target"], t["figure"], t["verdict"]] for t in evaluate(results)]
+    return ["## Targets (issue 6)", "", *_table(["target", "figures", "verdict"], rows)]
+
+
+def markdown(results: dict) -> str:
+    parts = [
+        machine_section(results["meta"]),
+        peak_section(results["peak"]),
+        offline_section(results),
+        servers_section(results),
+        targets_section(results),
+    ]
+    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"

@@ -1,0 +1,214 @@
+"""Run a `Plan`: the machine's peak, the in-process limit, then every server under the same load.
+
+Results accumulate in one dict (written to ``results.json`` after every section, so an interrupted
+run still leaves what it measured); `benchmarks.report` turns it into Markdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import flops, machine, offline, servers, venvs
+from benchmarks.images import EncodedImage, image_set
+from benchmarks.loadgen import Payload, multipart, run_load_sync
+from benchmarks.models import SPECS, BuiltModel, build, existing
+from benchmarks.plan import TUNED_SETTINGS, LoadPoint, Plan
+from benchmarks.processes import ServerStartError, free_port, serving
+from benchmarks.prometheus import run_split, scrape
+
+log = logging.getLogger(__name__)
+
+
+class Suite:
+    """One run's state: the plan, the models and images built for it, and the results so far."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.results: dict = {"meta": machine.describe(plan), "peak": {}, "offline": [], "servers": []}
+        self.images: dict[str, list[EncodedImage]] = {}
+        self.payloads: dict[str, list[Payload]] = {}
+
+    def save(self) -> Path:
+        self.plan.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.plan.out_dir / "results.json"
+        path.write_text(json.dumps(self.results, indent=1, default=str) + "\n", encoding="utf-8")
+        return path
+
+    def run(self) -> dict:
+        plan = self.plan
+        for kind in plan.image_kinds:
+            self.images[kind] = image_set(kind, plan.images_per_kind)
+            self.payloads[kind] = [multipart([im]) for im in self.images[kind]]
+        model = build(SPECS[plan.model], plan.work_dir)
+        demo = existing(plan.demo_repo, plan.demo_name) if plan.demo_repo else None
+        self.results["meta"].update(
+            model=model.name, native=list(model.config.image_size), main_kind=plan.main_kind,
+            saturation=plan.saturation, demo=demo.name if demo else None,
+        )  # fmt: skip
+        if "peak" in plan.sections:
+            self.results["peak"] = measure_peak(plan)
+            self.save()
+        if "offline" in plan.sections:
+            self.run_offline(model, demo)
+        self.run_servers(model, demo)
+        self.save()
+        return self.results
+
+    # -- in-process limit -------------------------------------------------------------------------
+
+    def run_offline(self, model: BuiltModel, demo: BuiltModel | None) -> None:
+        cfg = model.config
+        cases = [(model, cfg.image_size), (model, (self.plan.hi_resolution,) * 2)]
+        if demo:
+            cases.append((demo, demo.config.image_size))
+        for built, hw in cases:
+            for variant in ("fp32", "int8"):
+                if built.has(variant):
+                    self.results["offline"].append(self.offline_case(built, variant, hw))
+                    self.save()
+
+    def offline_case(self, built: BuiltModel, variant: str, hw: tuple[int, int]) -> dict:
+        plan, cfg = self.plan, built.config
+        log.info("offline: %s %s at %dx%d", built.name, variant, *hw)
+        decode = offline.decoder(cfg, hw)
+        ort_model = offline.OrtModel(built.onnx_path(variant), cfg)
+        images = self.images[plan.main_kind]
+        tensors = np.stack([decode(im.data) for im in images])
+        sweep = offline.batch_sweep(ort_model, tensors, list(plan.batch_sizes), plan.offline_seconds)
+        row = {
+            "model": built.name, "variant": variant, "resolution": list(hw), "image_kind": plan.main_kind,
+            "flops_per_image": flops.vit_flops(_shape(cfg), hw), **sweep,
+            "decode_images_per_s": offline.decode_included(
+                ort_model, images, decode, sweep["best_batch"], plan.offline_seconds
+            ),
+            "single_image": offline.single_image(ort_model, images, decode, plan.single_image_calls),
+        }  # fmt: skip
+        if variant != "fp32":
+            reference = offline.OrtModel(built.onnx_path("fp32"), cfg)
+            agreement_set = np.stack(
+                [decode(im.data) for im in image_set("jpeg-640x480", plan.agreement_images, 7)]
+            )
+            row["top1_agreement"] = offline.top1_agreement(reference, ort_model, agreement_set)
+        return row
+
+    # -- servers ----------------------------------------------------------------------------------
+
+    def run_servers(self, model: BuiltModel, demo: BuiltModel | None) -> None:
+        for name in ("naive-torch", "litserve", "rayserve"):
+            if name in self.plan.sections:
+                self.run_contender(name, model)
+        if "vitserve" in self.plan.sections:
+            self.run_vitserve(model, demo)
+
+    def contender_batch(self) -> int:
+        """The contenders batch up to ORT's best batch size measured here (16 when not measured)."""
+        for row in self.results["offline"]:
+            if row["variant"] == "fp32":
+                return int(min(row["best_batch"], 32))
+        return 16
+
+    def run_contender(self, name: str, model: BuiltModel) -> None:
+        hw = model.config.image_size
+        spec = servers.contender_spec(
+            model, "fp32", hw, max_batch_size=self.contender_batch(), batch_timeout_s=0.005
+        )
+        spec_path = self.plan.work_dir / f"{name}.spec.json"
+        spec.dump(spec_path)
+        if name == "naive-torch":
+            self.measure(servers.naive_torch(spec_path), model, "fp32", self.plan.basic_points())
+            return
+        try:
+            python = venvs.python_for(name, install=self.plan.install)
+        except venvs.VenvError as exc:
+            self.skip(name, str(exc))
+            return
+        server = (
+            servers.litserve(python, spec_path) if name == "litserve" else servers.rayserve(python, spec_path)
+        )
+        extra = {"batching": {"max_batch_size": spec.max_batch_size, "batch_timeout_s": spec.batch_timeout_s},
+                 "packages": venvs.frozen(python)}  # fmt: skip
+        self.measure(server, model, "fp32", self.plan.basic_points(), extra)
+
+    def run_vitserve(self, model: BuiltModel, demo: BuiltModel | None) -> None:
+        plan, repo, name = self.plan, model.repo, model.name
+        tuned = {"settings": TUNED_SETTINGS}
+        defaults = servers.vitserve(repo, name, "fp32")
+        self.measure(defaults, model, "fp32", plan.basic_points() + plan.overload_points())
+        points = plan.basic_points() + plan.overload_points() + plan.extra_points()
+        self.measure(servers.vitserve(repo, name, "fp32", TUNED_SETTINGS), model, "fp32", points, tuned)
+        if model.has("int8"):
+            int8 = servers.vitserve(repo, name, "int8", TUNED_SETTINGS)
+            self.measure(int8, model, "int8", plan.basic_points(), tuned)
+        if demo:
+            self.measure(servers.vitserve(demo.repo, demo.name, "fp32"), demo, "fp32", plan.basic_points())
+
+    def skip(self, key: str, reason: str) -> None:
+        log.warning("%s skipped: %s", key, reason)
+        self.results["servers"].append({"server": key, "skipped": reason})
+        self.save()
+
+    def measure(self, server: servers.ServerUnderTest, model: BuiltModel, variant: str,
+                points: list[LoadPoint], extra: dict | None = None) -> None:  # fmt: skip
+        """Start `server` once, run every point against it, stop it; one result row per point."""
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        log_path = self.plan.out_dir / "logs" / f"{server.key}-{model.name}-{variant}.log"
+        log.info("starting %s (%s, %s)", server.label, model.name, variant)
+        try:
+            with serving(servers.resolve(server, port), base + server.ready_path, log_path,
+                         env=server.env, cwd=servers.REPO_ROOT):  # fmt: skip
+                saturated = None
+                for point in points:
+                    row = self.measure_point(server, port, point, saturated)
+                    row.update(model=model.name, variant=variant, **(extra or {}))
+                    if point.name == f"c={self.plan.saturation}" and not point.query and saturated is None:
+                        saturated = row["images_per_s"]
+                    self.results["servers"].append(row)
+                    self.save()
+        except ServerStartError as exc:
+            self.skip(server.key, f"{server.label} did not start: {exc}")
+
+    def measure_point(self, server: servers.ServerUnderTest, port: int, point: LoadPoint,
+                      saturated: float | None) -> dict:  # fmt: skip
+        row = {"server": server.key, "label": server.label, "point": point.name,
+               "image_kind": point.image_kind, "query": point.query}  # fmt: skip
+        spec = point.spec
+        if point.rate_factor is not None:
+            if not saturated:
+                return {**row, "skipped": "no saturation throughput to derive the rate from"}
+            spec = _with_rate(spec, point.rate_factor * saturated)
+        base = f"http://127.0.0.1:{port}"
+        log.info("  %s %s %s %s", server.key, point.name, point.image_kind, point.query or "")
+        before = scrape(base)
+        result = run_load_sync(server.classify_url(port, point.query), self.payloads[point.image_kind], spec)
+        return {**row, **result, "split": run_split(before, scrape(base), server.metrics_match)}
+
+
+def _with_rate(spec, rate: float):
+    from dataclasses import replace
+
+    return replace(spec, rate=rate, max_requests=max(spec.max_requests, int(rate * spec.max_seconds) + 1))
+
+
+def _shape(cfg) -> flops.VitShape:
+    a = cfg.architecture
+    return flops.VitShape(
+        a.patch_size, a.embed_dim, a.depth, a.mlp_ratio, cfg.num_classes, cfg.native_grid, a.in_chans
+    )
+
+
+def measure_peak(plan: Plan) -> dict:
+    n, seconds = plan.gemm_n, min(1.0, plan.offline_seconds * 2)
+    log.info("peak: %d^3 GEMMs", n)
+    return {
+        "gemm_n": n,
+        "threads": os.cpu_count(),
+        "numpy_fp32_flops": flops.numpy_gemm_flops(n, seconds),
+        "ort_fp32_flops": flops.ort_gemm_ops(n, int8=False, min_seconds=seconds),
+        "ort_int8_ops": flops.ort_gemm_ops(n, int8=True, min_seconds=seconds),
+    }

@@ -1,0 +1,120 @@
+"""The issue's targets, judged from one run's results; a target whose rows are missing is "not measured"."""
+
+from __future__ import annotations
+
+from benchmarks.latency import REFUSED
+
+CONTENDERS = ("naive-torch", "litserve", "rayserve")
+VITSERVE = (("vitserve", "defaults"), ("vitserve-tuned", "recommended"))
+
+
+def _server_row(results: dict, server: str, point: str, variant: str = "fp32") -> dict | None:
+    """The row for a server at a load point, on the main model, main input, native resolution."""
+    model = results["meta"].get("model")
+    for r in results["servers"]:
+        if "skipped" in r or r["server"] != server or r["point"] != point or r["variant"] != variant:
+            continue
+        if r["query"].get("resolution") or r["image_kind"] != results["meta"].get("main_kind"):
+            continue
+        if model is None or r["model"] == model:
+            return r
+    return None
+
+
+def _limit(results: dict) -> dict | None:
+    meta = results["meta"]
+    for r in results["offline"]:
+        if (
+            r["model"] == meta.get("model")
+            and r["variant"] == "fp32"
+            and r["resolution"] == meta.get("native")
+        ):
+            return r
+    return None
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "**missed**")
+
+
+def throughput_targets(results: dict, sat: str) -> list[dict]:
+    limit = _limit(results)
+    contenders = [(c, _server_row(results, c, sat)) for c in CONTENDERS]
+    contenders = [(c, r) for c, r in contenders if r]
+    best = max(contenders, key=lambda cr: cr[1]["images_per_s"], default=None)
+    out = []
+    for key, label in VITSERVE:
+        row = _server_row(results, key, sat)
+        ips = row["images_per_s"] if row else None
+        if limit and ips is not None:
+            ratio = ips / limit["decode_images_per_s"]
+            fig = f"{ips:.1f} vs limit {limit['decode_images_per_s']:.1f} images/s = {ratio:.0%}"
+            out.append({"target": f"{label}: saturated ≥ 90% of decode-included limit", "figure": fig,
+                        "verdict": _verdict(ratio >= 0.9)})  # fmt: skip
+        if best and ips is not None:
+            ratio = ips / best[1]["images_per_s"]
+            fig = f"{ips:.1f} vs {best[0]} {best[1]['images_per_s']:.1f} images/s = {ratio:.2f}×"
+            out.append({"target": f"{label}: ≥ 1.3× best contender", "figure": fig,
+                        "verdict": _verdict(ratio >= 1.3)})  # fmt: skip
+    return out
+
+
+def latency_targets(results: dict) -> list[dict]:
+    limit = _limit(results)
+    out = []
+    for key, label in VITSERVE:
+        row = _server_row(results, key, "c=1")
+        if not (row and limit and row["latency"]["p50_ms"] is not None):
+            continue
+        floor = limit["single_image"]["total_ms"]
+        p50 = row["latency"]["p50_ms"]
+        fig = f"p50 {p50:.1f} ms vs in-process {floor:.1f} ms + 2 ms"
+        out.append({"target": f"{label}: c=1 p50 ≤ in-process + 2 ms", "figure": fig,
+                    "verdict": _verdict(p50 <= floor + 2.0)})  # fmt: skip
+    return out
+
+
+def overload_targets(results: dict, sat: str) -> list[dict]:
+    out = []
+    for key, label in VITSERVE:
+        base, over = _server_row(results, key, sat), _server_row(results, key, "open 2x")
+        if not (base and over and over["latency"]["p99_ms"] is not None):
+            continue
+        p99, p99_sat = over["latency"]["p99_ms"], base["latency"]["p99_ms"]
+        refused = over["refused_latency"]["max_ms"]
+        # 503 and 504 are answers; anything else (timeouts, resets, other codes) is a failure.
+        failures = {k: v for k, v in over["errors"].items() if k not in (REFUSED, "504")}
+        ok = p99 <= 2 * p99_sat and (refused is None or refused < 50.0) and not failures
+        slowest = f"{refused:.1f} ms" if refused is not None else "–"
+        fig = (
+            f"accepted p99 {p99:.0f} ms vs 2 × {p99_sat:.0f} ms; 503s: {over['errors'].get(REFUSED, 0)},"
+            f" slowest {slowest}; 504s: {over['errors'].get('504', 0)}; failures: {failures or 'none'}"
+        )
+        out.append({"target": f"{label}: at 2× saturation rate", "figure": fig, "verdict": _verdict(ok)})
+    return out
+
+
+def int8_targets(results: dict) -> list[dict]:
+    rows = [r for r in results["offline"] if r["variant"] == "int8"]
+    if not rows:
+        return [
+            {"target": "int8 and fp32 both reported", "figure": "no int8 rows", "verdict": _verdict(None)}
+        ]
+    figs = "; ".join(
+        f"{r['model']} {'×'.join(map(str, r['resolution']))}: top-1 = fp32 on {r['top1_agreement']:.0%}"
+        for r in rows
+    )
+    served = any(r.get("variant") == "int8" and "skipped" not in r for r in results["servers"])
+    return [{"target": "int8 (VNNI) and fp32 both reported, with top-1 agreement", "figure": figs,
+             "verdict": _verdict(served)}]  # fmt: skip
+
+
+def evaluate(results: dict) -> list[dict]:
+    """Every target with its figures and verdict, in the issue's order."""
+    sat = f"c={results['meta'].get('saturation', 32)}"
+    return (
+        throughput_targets(results, sat)
+        + latency_targets(results)
+        + overload_targets(results, sat)
+        + int8_targets(results)
+    )
