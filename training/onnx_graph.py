@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -70,12 +71,15 @@ def to_fp16(base: onnx.ModelProto, io: OnnxIO) -> onnx.ModelProto:
     model.CopyFrom(base)
     name_nodes(model)
     keep = pos_path_nodes(model, io) | {n.name for n in model.graph.node if n.op_type == "Cast"}
-    return float16.convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
-        node_block_list=sorted(keep),
-    )
+    with warnings.catch_warnings():
+        # One warning per weight below fp16's range (|w| < 1e-7, set to +-1e-7): harmless, and many.
+        warnings.filterwarnings("ignore", message=".*will be truncated to", category=UserWarning)
+        return float16.convert_float_to_float16(
+            model,
+            keep_io_types=True,
+            op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *FP32_OPS],
+            node_block_list=sorted(keep),
+        )
 
 
 class _DropQuantHint(logging.Filter):
