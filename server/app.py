@@ -1,0 +1,129 @@
+"""create_app(settings): the FastAPI application, its lifespan and its middleware.
+
+Start-up builds the repository (names and versions found on disk) before serving; the models then
+load in the background, default model first, so `/healthz` answers at once and `/readyz` turns 200
+when the default model is warm. Shutdown (SIGTERM): uvicorn stops accepting and waits for open
+requests; then every batcher is drained (what it admitted runs) and the sessions are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.batcher import BatchPolicy
+from server.errors import ErrorMiddleware, install_error_handlers
+from server.metrics import Metrics
+from server.repository import ModelRepository
+from server.routes import classify, health, models, v2
+from server.routes import metrics as metrics_route
+from server.runtime import RuntimeOptions, resolve_providers
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_LOAD_STOP_GRACE_S = 5.0
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The app for `settings`; raises StartupError when no configured provider is available."""
+    metrics = Metrics(settings.max_batch_size)
+    options = RuntimeOptions(
+        providers=resolve_providers(settings.providers),
+        variant=settings.variant,
+        intra_op_threads=settings.intra_op_threads,
+        inter_op_threads=settings.inter_op_threads,
+        max_batch_size=settings.max_batch_size,
+        trt_cache_dir=settings.trt_cache_dir,
+    )
+    defaults = BatchPolicy(
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
+        queue_capacity=settings.queue_capacity,
+        timeout_s=settings.request_timeout_s,
+    )
+    repository = ModelRepository(settings.model_repo, options, defaults, metrics, settings.default_model)
+    repository.scan()
+
+    app = FastAPI(
+        title="vitserve",
+        version="0.1.0",
+        summary="Vision Transformers at any resolution: dynamic batching on ONNX Runtime.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.repository = repository
+    install_error_handlers(app)
+    for router in (classify.router, models.router, health.router, metrics_route.router, v2.router):
+        app.include_router(router)
+    app.add_middleware(ErrorMiddleware)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    repository: ModelRepository = app.state.repository
+    pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitserve-decode")
+    app.state.decode_pool = pool
+    loader = asyncio.create_task(repository.load_all(), name="vitserve-load")
+    try:
+        yield
+    finally:
+        logger.info("shutting down: draining model queues")
+        repository.stop_loading()
+        await _stop_loading(loader)
+        await repository.close(settings.shutdown_timeout_s)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def _stop_loading(loader: asyncio.Task) -> None:
+    if loader.done():
+        return
+    # A version mid-load finishes in its thread; waiting for it lets it be unloaded cleanly.
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(loader), _LOAD_STOP_GRACE_S)
+    loader.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await loader
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by model, route template and status; tracks in-flight ones."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.inflight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "other"
+            model = scope.get("state", {}).get("model", "")
+            self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            self.metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - start)

@@ -1,0 +1,348 @@
+"""Dynamic batching: one queue per (model version, resolution), one inference thread per model version.
+
+Policy (also in the README):
+
+* Admission is all-or-nothing per request and happens before any decoding: if the images a request
+  brings would take the version over `queue_capacity`, it is refused at once (`QueueFullError`, 503).
+* An idle executor dispatches at once: a lone request never waits for `max_queue_delay`.
+* While a batch runs, new items queue up; when the executor frees, it takes up to `max_batch_size`
+  items from the queue whose head is oldest (resolutions share the thread fairly).
+* `max_queue_delay` only matters while work is in flight: right after a batch, if a partial batch
+  is queued and more items for that resolution are already admitted but still being decoded, the
+  executor waits for them until the batch is full, they have all arrived, or the oldest queued
+  item has waited `max_queue_delay`.
+* An item whose deadline passes while queued is answered `DeadlineExceededError` (504) and never run;
+  an item whose caller went away (task cancelled: client disconnected) is dropped.
+* A batch that raises fails every item in it (`InferenceFailedError`), logged once; the next batch runs.
+
+ONNX Runtime releases the GIL, so the inference thread runs in parallel with the event loop and
+the decode pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from server.errors import DeadlineExceededError, InferenceFailedError, QueueFullError, ShuttingDownError
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+RunBatch = Callable[[np.ndarray], np.ndarray]
+"""(N, 3, H, W) float32 -> (N, K) float32 logits; called from the batcher's thread only."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """Effective batching settings of one model (config.json `batching`, else the server defaults)."""
+
+    max_batch_size: int
+    max_queue_delay_s: float
+    queue_capacity: int
+    timeout_s: float
+
+
+class _State(Enum):
+    QUEUED = 1
+    TAKEN = 2
+    EXPIRED = 3
+    CANCELLED = 4
+
+
+class _Item:
+    __slots__ = ("enqueued", "future", "hw", "pixels", "state", "timer")
+
+    def __init__(self, pixels: np.ndarray, hw: tuple[int, int], future: asyncio.Future) -> None:
+        self.pixels: np.ndarray | None = pixels
+        self.hw = hw
+        self.future = future
+        self.enqueued = time.monotonic()
+        self.state = _State.QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Admission:
+    """Room reserved in a batcher for `count` images of one request at one resolution.
+
+    Use as a context manager; unused reservations are returned on exit. Each `infer` call uses one.
+    """
+
+    def __init__(self, batcher: Batcher, hw: tuple[int, int], count: int, deadline: float) -> None:
+        self.hw = hw
+        self.deadline = deadline
+        self._batcher = batcher
+        self._left = count
+
+    async def infer(self, pixels: np.ndarray) -> np.ndarray:
+        """Queue one preprocessed image (3, H, W) float32 and wait for its logits (K,).
+
+        Raises:
+            DeadlineExceededError: The request's deadline passed before the image could run.
+            InferenceFailedError: Its batch failed.
+        """
+        if self._left <= 0:
+            raise RuntimeError("more images submitted than admitted")
+        if pixels.shape != (3, *self.hw):
+            raise ValueError(f"expected pixels of shape (3, {self.hw[0]}, {self.hw[1]}), got {pixels.shape}")
+        self._left -= 1
+        item = self._batcher._enqueue(pixels, self.hw, self.deadline)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            self._batcher._cancel(item)
+            raise
+
+    def release(self) -> None:
+        """Give back the reservations not used (e.g. an image failed to decode)."""
+        left, self._left = self._left, 0
+        if left:
+            self._batcher._release(self.hw, left)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Batcher:
+    """Queues, batches and runs images for one model version on its own thread."""
+
+    def __init__(
+        self,
+        model: str,
+        run: RunBatch,
+        policy: BatchPolicy,
+        metrics: Metrics,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.model = model
+        self.policy = policy
+        self._run = run
+        self._metrics = metrics
+        self._loop = loop
+        self._cond = threading.Condition()
+        self._queues: dict[tuple[int, int], deque[_Item]] = {}
+        self._live: dict[tuple[int, int], int] = {}  # queued items per resolution
+        self._expected: dict[tuple[int, int], int] = {}  # admitted, not yet queued, per resolution
+        self._depth = 0
+        self._reserved = 0
+        self._closing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._serve, name=f"vitserve-infer-{model}", daemon=True)
+
+    @property
+    def depth(self) -> int:
+        """Images queued now (not counting the running batch)."""
+        return self._depth
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def admit(self, hw: tuple[int, int], count: int) -> Admission:
+        """Reserve room for `count` images at `hw`, or refuse at once.
+
+        Raises:
+            QueueFullError: The version's queue cannot take `count` more images.
+            ShuttingDownError: The batcher is draining (model unloading or server stopping).
+        """
+        with self._cond:
+            if self._closing:
+                raise ShuttingDownError()
+            if self._reserved + self._depth + count > self.policy.queue_capacity:
+                self._metrics.rejected.labels(self.model, "queue_full").inc(count)
+                raise QueueFullError()
+            self._reserved += count
+            self._expected[hw] = self._expected.get(hw, 0) + count
+        return Admission(self, hw, count, time.monotonic() + self.policy.timeout_s)
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Refuse new work, run everything admitted, then stop the thread.
+
+        After `timeout_s`, whatever is still queued is failed with `ShuttingDownError`.
+        """
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if not self._thread.is_alive():
+            return
+        await asyncio.to_thread(self._thread.join, timeout_s)
+        if self._thread.is_alive():
+            self._abandon()
+            await asyncio.to_thread(self._thread.join)
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def _enqueue(self, pixels: np.ndarray, hw: tuple[int, int], deadline: float) -> _Item:
+        item = _Item(pixels, hw, self._loop.create_future())
+        remaining = deadline - item.enqueued
+        with self._cond:
+            self._reserved -= 1
+            self._expected[hw] -= 1
+            if remaining <= 0:
+                self._cond.notify()
+                item.state = _State.EXPIRED
+            else:
+                self._queues.setdefault(hw, deque()).append(item)
+                self._live[hw] = self._live.get(hw, 0) + 1
+                self._depth += 1
+                self._cond.notify()
+        if item.state is _State.EXPIRED:
+            self._metrics.rejected.labels(self.model, "deadline").inc()
+            item.future.set_exception(DeadlineExceededError())
+            return item
+        self._metrics.queue_depth.labels(self.model).inc()
+        item.timer = self._loop.call_later(remaining, self._expire, item)
+        return item
+
+    def _unqueue(self, item: _Item, state: _State) -> bool:
+        with self._cond:
+            if item.state is not _State.QUEUED:
+                return False
+            item.state = state
+            item.pixels = None
+            self._live[item.hw] -= 1
+            self._depth -= 1
+        self._metrics.queue_depth.labels(self.model).dec()
+        return True
+
+    def _expire(self, item: _Item) -> None:
+        if self._unqueue(item, _State.EXPIRED):
+            self._metrics.rejected.labels(self.model, "deadline").inc()
+            if not item.future.done():
+                item.future.set_exception(DeadlineExceededError())
+
+    def _cancel(self, item: _Item) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
+        if self._unqueue(item, _State.CANCELLED):
+            self._metrics.rejected.labels(self.model, "disconnected").inc()
+
+    def _release(self, hw: tuple[int, int], count: int) -> None:
+        with self._cond:
+            self._reserved -= count
+            self._expected[hw] -= count
+            self._cond.notify()
+
+    def _deliver(self, items: list[_Item], logits: np.ndarray | None) -> None:
+        for i, item in enumerate(items):
+            if item.timer is not None:
+                item.timer.cancel()
+            if item.future.done():
+                continue
+            if logits is None:
+                item.future.set_exception(InferenceFailedError())
+            else:
+                item.future.set_result(logits[i])
+
+    def _fail_queued(self, items: list[_Item]) -> None:
+        for item in items:
+            if item.timer is not None:
+                item.timer.cancel()
+            if not item.future.done():
+                item.future.set_exception(ShuttingDownError())
+
+    # -- inference-thread side -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _next_batch(self) -> list[_Item] | None:
+        with self._cond:
+            while True:
+                if self._depth == 0:
+                    if self._closing and self._reserved == 0:
+                        return None
+                    self._busy = False  # nothing in flight: the next arrival goes at once
+                    self._cond.wait()
+                    continue
+                hw, wait_s = self._pick(time.monotonic())
+                if hw is not None:
+                    self._busy = True
+                    return self._take(hw)
+                self._cond.wait(timeout=wait_s)
+
+    def _pick(self, now: float) -> tuple[tuple[int, int] | None, float]:
+        """The ready queue with the oldest head, else how long until one is ready."""
+        best, best_t, wait_s = None, float("inf"), float("inf")
+        for hw, queue in self._queues.items():
+            while queue and queue[0].state is not _State.QUEUED:
+                queue.popleft()
+            if not queue:
+                continue
+            head_t = queue[0].enqueued
+            ready_at = head_t + self.policy.max_queue_delay_s
+            if self._live[hw] >= self.policy.max_batch_size or not self._busy or self._closing:
+                ready_at = now
+            elif self._expected.get(hw, 0) == 0:
+                ready_at = now  # nothing more is coming for this resolution: waiting gains nothing
+            if ready_at <= now and head_t < best_t:
+                best, best_t = hw, head_t
+            wait_s = min(wait_s, ready_at - now)
+        return best, max(wait_s, 0.0)
+
+    def _take(self, hw: tuple[int, int]) -> list[_Item]:
+        queue, batch, now = self._queues[hw], [], time.monotonic()
+        while queue and len(batch) < self.policy.max_batch_size:
+            item = queue.popleft()
+            if item.state is _State.QUEUED:
+                item.state = _State.TAKEN
+                batch.append(item)
+        self._live[hw] -= len(batch)
+        self._depth -= len(batch)
+        wait = self._metrics.queue_wait.labels(self.model)
+        for item in batch:
+            wait.observe(now - item.enqueued)
+        self._metrics.queue_depth.labels(self.model).dec(len(batch))
+        return batch
+
+    def _execute(self, batch: list[_Item]) -> None:
+        pixels = np.stack([item.pixels for item in batch])  # (N, 3, H, W)
+        for item in batch:
+            item.pixels = None
+        start = time.perf_counter()
+        logits: np.ndarray | None
+        try:
+            logits = self._run(pixels)
+            if logits.shape[0] != len(batch):
+                raise RuntimeError(f"graph returned {logits.shape[0]} rows for a batch of {len(batch)}")
+        except Exception:
+            logger.exception(
+                "inference failed for %s: batch of %d at %dx%d", self.model, len(batch), *pixels.shape[2:]
+            )
+            logits = None
+        self._metrics.inference.labels(self.model).observe(time.perf_counter() - start)
+        self._metrics.batch_size.labels(self.model).observe(len(batch))
+        self._call_loop(self._deliver, batch, logits)
+
+    def _abandon(self) -> None:
+        with self._cond:
+            left = [it for q in self._queues.values() for it in q if it.state is _State.QUEUED]
+            for item in left:
+                item.state = _State.CANCELLED
+            self._queues.clear()
+            self._live.clear()
+            self._depth = 0
+            self._reserved = 0
+            self._cond.notify_all()
+        self._metrics.queue_depth.labels(self.model).dec(len(left))
+        self._fail_queued(left)
+
+    def _call_loop(self, fn: Callable[..., None], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting for these results any more
+            logger.debug("event loop closed; dropping results for %s", self.model)

@@ -1,0 +1,149 @@
+"""POST /classify: images in, top-k labels out, at any allowed resolution."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from concurrent.futures import Executor
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+
+from server.errors import InvalidResolutionError, ServerError
+from server.metrics import Metrics
+from server.postprocess import top_k
+from server.preprocess import DecodeLimits, prepare
+from server.repository import ModelVersion, gather_cancelling
+from server.routes.deps import (
+    AppMetrics,
+    AppSettings,
+    DecodePool,
+    Repository,
+    label_model,
+    until_disconnected,
+)
+from server.routes.uploads import UPLOAD_OPENAPI, UploadLimits, read_images
+
+router = APIRouter(tags=["classification"])
+
+_RESOLUTION = re.compile(r"^(\d{1,5})(?:[xX](\d{1,5}))?$")
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int = Field(description="Class index in the model's label list.")
+    score: float = Field(description="Softmax probability.")
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    resolution: tuple[int, int] = Field(description="The [height, width] the images were run at.")
+    predictions: list[list[Prediction]] = Field(
+        description="Per image, in upload order, most probable first."
+    )
+    logits: list[list[float]] | None = Field(
+        None, description="Raw logits per image (all classes), only with include_logits=true."
+    )
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """`384` -> (384, 384); `384x256` -> (384, 256) as height x width."""
+    match = _RESOLUTION.match(text.strip())
+    if not match:
+        raise InvalidResolutionError(
+            "resolution must be HEIGHT or HEIGHTxWIDTH in pixels, e.g. 384 or 384x256"
+        )
+    height = int(match.group(1))
+    return height, int(match.group(2) or height)
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+    openapi_extra=UPLOAD_OPENAPI,
+    responses={
+        400: {"description": "Bad image, parameter or resolution (the detail names the rule)"},
+        404: {"description": "Unknown model or version"},
+        413: {"description": "Body, image or image count over a limit"},
+        415: {"description": "Neither multipart/form-data nor image/*"},
+        503: {"description": "Queue full (see Retry-After) or model not ready"},
+        504: {"description": "Deadline passed while queued"},
+    },
+)
+async def classify(
+    request: Request,
+    repository: Repository,
+    settings: AppSettings,
+    metrics: AppMetrics,
+    pool: DecodePool,
+    model: Annotated[
+        str | None, Query(description="Model name; default: the server's default model.")
+    ] = None,
+    version: Annotated[
+        int | None, Query(ge=1, description="Model version; default: the latest ready.")
+    ] = None,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, le=1000, description="Labels per image.")] = 5,
+    resolution: Annotated[
+        str | None, Query(description="HEIGHT or HEIGHTxWIDTH in pixels; default: the model's native size.")
+    ] = None,
+    include_logits: Annotated[bool, Query(description="Also return the raw logits of every class.")] = False,
+) -> ClassifyResponse:
+    """Classify one or more images.
+
+    Send several multipart fields named `image` for several images (each is batched on its own),
+    or one image as the raw body with an `image/*` content type. Images are resized as the model's
+    config says; position embeddings are interpolated for the requested grid.
+    """
+    label_model(request, repository, model)
+    mv = repository.get(model, version)
+    hw = mv.check_resolution(parse_resolution(resolution) if resolution else tuple(mv.config.image_size))
+    limits = UploadLimits(settings.max_upload_bytes, settings.max_images_per_request)
+    blobs = await read_images(request, limits)
+    decode = DecodeLimits(max_pixels=settings.max_image_pixels)
+    logits = await until_disconnected(request, _run(mv, blobs, hw, decode, pool, metrics))
+    metrics.images.labels(mv.name).inc(len(blobs))
+    return ClassifyResponse(
+        model=mv.name,
+        version=mv.version,
+        resolution=hw,
+        predictions=top_k(logits, mv.config.labels, top_k_),
+        logits=logits.tolist() if include_logits else None,
+    )
+
+
+async def _run(
+    mv: ModelVersion,
+    blobs: list[bytes],
+    hw: tuple[int, int],
+    limits: DecodeLimits,
+    pool: Executor,
+    metrics: Metrics,
+) -> np.ndarray:
+    """Decode each image in the pool and queue it as soon as it is ready; logits (N, K) in upload order."""
+    loop = asyncio.get_running_loop()
+    spec = mv.config.preprocess
+    observe = metrics.preprocess.labels(mv.name).observe
+
+    def decode(blob: bytes) -> np.ndarray:
+        start = time.perf_counter()
+        pixels = prepare(blob, limits, hw, spec)
+        observe(time.perf_counter() - start)
+        return pixels
+
+    async def one(index: int, blob: bytes) -> np.ndarray:
+        try:
+            pixels = await loop.run_in_executor(pool, decode, blob)
+        except ServerError as exc:
+            if len(blobs) > 1:  # say which upload was bad
+                raise type(exc)(f"image {index + 1}: {exc.detail}") from exc
+            raise
+        return await admission.infer(pixels)
+
+    with mv.admit(hw, len(blobs)) as admission:
+        rows = await gather_cancelling(one(i, b) for i, b in enumerate(blobs))
+    return np.stack(rows)

@@ -1,0 +1,94 @@
+"""FastAPI dependencies shared by the routers, as `Annotated` aliases, and request helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Awaitable
+from concurrent.futures import Executor
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+
+from server.errors import ClientClosedError, ForbiddenError, UnauthorizedError
+from server.metrics import UNKNOWN_MODEL, Metrics
+from server.repository import ModelRepository
+from server.settings import Settings
+
+T = TypeVar("T")
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_repository(request: Request) -> ModelRepository:
+    return request.app.state.repository
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+def get_decode_pool(request: Request) -> Executor:
+    return request.app.state.decode_pool
+
+
+AppSettings = Annotated[Settings, Depends(get_settings)]
+Repository = Annotated[ModelRepository, Depends(get_repository)]
+AppMetrics = Annotated[Metrics, Depends(get_metrics)]
+DecodePool = Annotated[Executor, Depends(get_decode_pool)]
+
+
+def require_admin(request: Request, settings: AppSettings) -> None:
+    """Guard for state-changing endpoints: `Authorization: Bearer <admin key>`.
+
+    No key configured: the endpoints are disabled (403). Missing or wrong key: 401.
+    """
+    key = settings.admin_api_key
+    if key is None:
+        raise ForbiddenError("management endpoints are disabled; set VITSERVE_ADMIN_API_KEY to enable them")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    expected = key.get_secret_value().encode()
+    # Compare in constant time, and compare even for a wrong scheme so timing says nothing.
+    matches = hmac.compare_digest(token.strip().encode(), expected)
+    if scheme.lower() != "bearer" or not matches:
+        raise UnauthorizedError()
+
+
+AdminOnly = Depends(require_admin)
+
+
+def label_model(request: Request, repository: ModelRepository, name: str | None) -> None:
+    """Record which model a request is about, for the request metrics (bounded: unknown names pooled)."""
+    name = name or repository.default_model
+    request.state.model = name if name is not None and repository.known(name) else UNKNOWN_MODEL
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first (its queued images are then dropped).
+
+    Raises:
+        ClientClosedError: The client disconnected before the answer was ready.
+    """
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watch.cancel()
+        raise
+    watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientClosedError()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:  # after the body, the next ASGI message is the disconnect (or the end of the response)
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,112 @@
+"""Reading uploads from a request within limits: image/* bodies and multipart `image` fields.
+
+Bodies are streamed and counted; going over `max_bytes` stops reading at once (413), so a large
+upload never sits whole in memory. Multipart files spool to disk beyond 1 MiB (Starlette).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from server.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+
+IMAGE_FIELD = "image"
+_MAX_OTHER_FIELDS = 16
+_MAX_FIELD_BYTES = 64 * 1024
+
+UPLOAD_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "description": "One or more images as multipart `image` fields, or one image as the raw body.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [IMAGE_FIELD],
+                    "properties": {
+                        IMAGE_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+"""The request body as OpenAPI sees it (the route parses it itself, to apply the limits)."""
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_bytes: int
+    max_images: int
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is known to exceed `max_bytes`."""
+    return b"".join([chunk async for chunk in _limited(request, max_bytes)])
+
+
+async def read_images(request: Request, limits: UploadLimits) -> list[bytes]:
+    """The uploaded images in upload order: multipart `image` fields, or an image/* body.
+
+    Raises:
+        PayloadTooLargeError: Body over `max_bytes`, or more than `max_images` images.
+        UnsupportedMediaTypeError: Neither multipart/form-data nor image/*.
+        BadRequestError: No image in the request, or a malformed multipart body.
+    """
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype.startswith("image/"):
+        body = await read_body(request, limits.max_bytes)
+        if not body:
+            raise BadRequestError("empty body: send the image bytes with an image/* content type")
+        return [body]
+    if ctype != "multipart/form-data":
+        raise UnsupportedMediaTypeError(
+            "send images as multipart/form-data fields named 'image', or one image as an image/* body"
+        )
+    images = await _read_multipart(request, limits)
+    if not images:
+        raise BadRequestError("no image: add one or more multipart file fields named 'image'")
+    return images
+
+
+async def _read_multipart(request: Request, limits: UploadLimits) -> list[bytes]:
+    parser = MultiPartParser(
+        request.headers,
+        _limited(request, limits.max_bytes),
+        max_files=limits.max_images,
+        max_fields=_MAX_OTHER_FIELDS,
+        max_part_size=_MAX_FIELD_BYTES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise PayloadTooLargeError(f"too many images: at most {limits.max_images} per request") from exc
+        raise BadRequestError(f"malformed multipart body: {exc.message}") from exc
+    try:
+        images = []
+        for value in form.getlist(IMAGE_FIELD):
+            if not isinstance(value, UploadFile):
+                raise BadRequestError("the 'image' field must be a file upload (curl -F image=@photo.jpg)")
+            images.append(await value.read())
+        return images
+    finally:
+        await form.close()
+
+
+async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLargeError(f"request body over the limit of {max_bytes} bytes")
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise PayloadTooLargeError(f"request body over the limit of {max_bytes} bytes")
+        yield chunk

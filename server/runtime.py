@@ -1,0 +1,222 @@
+"""ONNX Runtime sessions: providers, graph variants, warm-up, and ``run(NCHW) -> logits``.
+
+One dynamic graph per model version serves every resolution: besides the pixels it takes the two
+position-embedding resampling matrices for the requested token grid (`server.pos_resample`), built
+once per grid and cached, so the weights are held once however many resolutions are served.
+
+This is the only module that imports onnxruntime; nothing above it knows about ORT.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from server.errors import ModelLoadError, StartupError
+from server.model_config import VARIANT_FILES, ModelConfig
+from server.pos_resample import resample_matrix
+
+logger = logging.getLogger(__name__)
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How sessions are built; derived once from the server settings."""
+
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    variant: str = "auto"  # auto | fp32 | fp16 | int8
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    max_batch_size: int = 32
+    trt_cache_dir: Path | None = None
+
+
+def resolve_providers(requested: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The requested providers that this onnxruntime build offers, in the requested order.
+
+    Raises:
+        StartupError: None of them is available.
+    """
+    available = set(ort.get_available_providers())
+    chosen = tuple(p for p in requested if p in available)
+    skipped = [p for p in requested if p not in available]
+    if skipped:
+        logger.info("execution providers not available here, skipped: %s", ", ".join(skipped))
+    if not chosen:
+        raise StartupError(
+            f"none of the providers {', '.join(requested)} is available in this onnxruntime build; "
+            f"set --providers / VITSERVE_PROVIDERS to some of: {', '.join(sorted(available))}"
+        )
+    return chosen
+
+
+def choose_variant(requested: str, version_dir: Path, on_gpu: bool) -> str:
+    """Which graph file to load: fp16 on GPU when present for `auto`; a missing choice falls back to fp32."""
+    wanted = ("fp16" if on_gpu else "fp32") if requested == "auto" else requested
+    if wanted != "fp32" and not (version_dir / VARIANT_FILES[wanted]).is_file():
+        if requested != "auto":
+            logger.warning("%s has no %s variant; using fp32", version_dir, wanted)
+        wanted = "fp32"
+    return wanted
+
+
+class Session:
+    """One loaded model version on ONNX Runtime. `run` is called from one thread at a time."""
+
+    def __init__(self, version_dir: Path, config: ModelConfig, options: RuntimeOptions) -> None:
+        self.config = config
+        on_gpu = options.providers[0] in GPU_PROVIDERS
+        self.variant = choose_variant(options.variant, version_dir, on_gpu)
+        self._session = _open(version_dir / VARIANT_FILES[self.variant], config, options)
+        self.providers: list[str] = self._session.get_providers()
+        self.on_gpu = self.providers[0] in GPU_PROVIDERS
+        if self.variant == "fp16" and not self.on_gpu:  # the GPU provider failed to initialise
+            logger.warning("%s: no GPU provider came up; using the fp32 graph", version_dir)
+            self.variant = "fp32"
+            self._session = _open(version_dir / VARIANT_FILES["fp32"], config, options)
+            self.providers = self._session.get_providers()
+        self._names = _check_io(self._session, config)
+        self._dtype = np.float16 if self._session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        self._matrices: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self._lock = threading.Lock()
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Logits (N, K) float32 for pixels (N, 3, H, W) float32 at any allowed resolution."""
+        rows, cols = self._pos_inputs((pixels.shape[2], pixels.shape[3]))
+        pixels = pixels.astype(self._dtype, copy=False)
+        if self.on_gpu:
+            out = self._run_bound(pixels, rows, cols)
+        else:
+            names = self._names
+            feeds = {names.input: pixels, names.pos_rows: rows, names.pos_cols: cols}
+            out = self._session.run([names.output], feeds)[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def _run_bound(self, pixels: np.ndarray, rows: Any, cols: Any) -> np.ndarray:
+        # I/O binding: the batch is copied to the device once, the cached resampling matrices
+        # already live there, and the logits come straight back to host memory.
+        names = self._names
+        binding = self._session.io_binding()
+        binding.bind_cpu_input(names.input, np.ascontiguousarray(pixels))
+        binding.bind_ortvalue_input(names.pos_rows, rows)
+        binding.bind_ortvalue_input(names.pos_cols, cols)
+        binding.bind_output(names.output, "cpu")
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def _pos_inputs(self, hw: tuple[int, int]) -> tuple[Any, Any]:
+        grid = self.config.grid_for(hw)
+        cached = self._matrices.get(grid)
+        if cached is None:
+            native, method = self.config.native_grid, self.config.pos_embed_interpolation
+            mats = [
+                np.ascontiguousarray(resample_matrix(old, new, method), dtype=self._dtype)
+                for old, new in zip(native, grid, strict=True)
+            ]
+            if self.on_gpu:
+                mats = [ort.OrtValue.ortvalue_from_numpy(m, "cuda", 0) for m in mats]
+            with self._lock:
+                cached = self._matrices.setdefault(grid, (mats[0], mats[1]))
+        return cached
+
+    def warm_up(self, resolutions: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run each resolution once so the first user request does not pay for first-run set-up."""
+        for hw in dict.fromkeys(resolutions):
+            for n in batch_sizes:
+                self.run(np.zeros((n, 3, *hw), dtype=np.float32))
+
+    def close(self) -> None:
+        self._matrices.clear()
+        del self._session
+
+
+@dataclass(frozen=True)
+class _Names:
+    input: str
+    pos_rows: str
+    pos_cols: str
+    output: str
+
+
+def _check_io(session: ort.InferenceSession, config: ModelConfig) -> _Names:
+    io = config.onnx
+    # Inputs with a default (the identity matrices at the native grid) are overridable initializers.
+    inputs = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
+    outputs = {o.name for o in session.get_outputs()}
+    missing = [n for n in (io.input, io.pos_rows, io.pos_cols) if n not in inputs]
+    if missing or io.output not in outputs:
+        raise ModelLoadError(
+            f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not match config.json onnx names "
+            f"({io.input}, {io.pos_rows}, {io.pos_cols} -> {io.output})"
+        )
+    return _Names(io.input, io.pos_rows, io.pos_cols, io.output)
+
+
+def _open(path: Path, config: ModelConfig, options: RuntimeOptions) -> ort.InferenceSession:
+    if not path.is_file():
+        raise ModelLoadError(f"{path.name} is missing")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    # Decode threads share the cores: idle ORT workers should sleep, not spin.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    providers = [(p, _provider_options(p, config, options)) for p in options.providers]
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as exc:  # ORT raises several types (Fail, InvalidGraph, NoSuchFile, ...)
+        reason = _first_line(exc).replace(str(path), path.name)  # no server paths in /models
+        raise ModelLoadError(f"onnxruntime could not load {path.name}: {reason}") from exc
+
+
+def _provider_options(provider: str, config: ModelConfig, options: RuntimeOptions) -> dict[str, Any]:
+    if provider == "CUDAExecutionProvider":
+        # HEURISTIC: a new input shape (resolution, batch size) must not trigger an exhaustive
+        # cuDNN benchmark that stalls every request queued behind it.
+        return {
+            "device_id": 0,
+            "cudnn_conv_algo_search": "HEURISTIC",
+            "arena_extend_strategy": "kSameAsRequested",
+            "do_copy_in_default_stream": True,
+        }
+    if provider == "TensorrtExecutionProvider":
+        return _tensorrt_options(config, options)
+    return {}
+
+
+def _tensorrt_options(config: ModelConfig, options: RuntimeOptions) -> dict[str, Any]:
+    # One optimisation profile covering every allowed resolution and batch size, so a new
+    # resolution does not rebuild the engine.
+    io, r, p = config.onnx, config.resolutions, config.patch_size
+    g0h, g0w = config.native_grid
+    gmin, gmax, n = r.min // p, r.max // p, options.max_batch_size
+    h0, w0 = config.image_size
+
+    def shapes(batch: int, h: int, w: int) -> str:
+        return f"{io.input}:{batch}x3x{h}x{w},{io.pos_rows}:{h // p}x{g0h},{io.pos_cols}:{w // p}x{g0w}"
+
+    opts: dict[str, Any] = {
+        "device_id": 0,
+        "trt_fp16_enable": options.variant in ("auto", "fp16"),
+        "trt_profile_min_shapes": shapes(1, gmin * p, gmin * p),
+        "trt_profile_opt_shapes": shapes(n, h0, w0),
+        "trt_profile_max_shapes": shapes(n, gmax * p, gmax * p),
+    }
+    if options.trt_cache_dir is not None:
+        opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(options.trt_cache_dir))
+    return opts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

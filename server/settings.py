@@ -1,0 +1,194 @@
+"""Server settings: the only place that reads the environment (``VITSERVE_*``) or the command line.
+
+`Settings` is built once at start-up (`Settings.from_cli`) and passed down; every field has a
+matching ``--flag`` (``max_batch_size`` -> ``--max-batch-size``) and a ``VITSERVE_`` variable.
+Precedence: command line, then environment, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "VITSERVE_"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _cores() -> int:
+    return max(os.cpu_count() or 1, 1)
+
+
+def _decode_threads() -> int:
+    # Decoding overlaps inference; on a small machine both pools share the cores, so half of
+    # them (at least two, at most eight) keeps the model fed without starving ONNX Runtime.
+    return min(max(_cores() // 2, 2), 8)
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set; validated at start-up with messages that say what to change."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    model_repo: Path = Field(Path("model_repo"), description="Model repository directory.")
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    providers: Annotated[list[str], NoDecode] = Field(
+        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="ONNX Runtime execution providers in order of preference, comma-separated; "
+        "unavailable ones are skipped. Add TensorrtExecutionProvider first to opt in to TensorRT.",
+    )
+    variant: Literal["auto", "fp32", "fp16", "int8"] = Field(
+        "auto", description="Graph variant: auto = fp16 on CUDA when present, else fp32."
+    )
+    default_model: str | None = Field(
+        None, description="Model used when a request names none; default: the first name in sorted order."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Default largest batch (per model: config.json)."
+    )
+    max_queue_delay_ms: float = Field(
+        5.0,
+        ge=0,
+        le=60_000,
+        description="Longest a partial batch waits for more items while work is in flight.",
+    )
+    queue_capacity: int = Field(512, ge=1, description="Images a model version accepts before answering 503.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline per request; past it in the queue: 504."
+    )
+    max_upload_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body (413 above).")
+    max_images_per_request: int = Field(
+        64, ge=1, description="Most images in one multipart request (413 above)."
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        description="Largest width*height of an upload, checked before decoding (413 above).",
+    )
+    decode_threads: int = Field(
+        default_factory=_decode_threads,
+        ge=1,
+        le=256,
+        description="Threads decoding and preprocessing images.",
+    )
+    intra_op_threads: int = Field(
+        default_factory=_cores, ge=1, le=256, description="ONNX Runtime threads within one operator."
+    )
+    inter_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads across operators.")
+    admin_api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key for /models/{name}/load and /unload; unset: those are disabled (403). "
+        "Prefer the environment variable: flags show in the process list.",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long queued and running requests get to finish."
+    )
+    trt_cache_dir: Path | None = Field(None, description="TensorRT engine cache directory (TensorRT only).")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [p.strip() for p in value.split(",")]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: list[str]) -> list[str]:
+        if not value or any(not p.endswith("ExecutionProvider") for p in value):
+            raise ValueError(
+                "give ONNX Runtime provider names separated by commas, "
+                "e.g. CUDAExecutionProvider,CPUExecutionProvider"
+            )
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("default_model")
+    @classmethod
+    def _check_default_model(cls, value: str | None) -> str | None:
+        if value is not None and not MODEL_NAME.match(value):
+            raise ValueError("a model name is letters, digits, '.', '_' or '-' (no path characters)")
+        return value
+
+    @field_validator("model_repo")
+    @classmethod
+    def _check_repo(cls, value: Path) -> Path:
+        if value.exists() and not value.is_dir():
+            raise ValueError(f"{value} is a file; point it at the model repository directory")
+        return value
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("use an API key of at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return value
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> Settings:
+        """Parse command-line flags over the environment; exits with a readable message when invalid."""
+        parser = build_parser()
+        given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+        try:
+            return cls(**given)
+        except ValidationError as exc:
+            parser.exit(2, f"invalid settings:\n{describe_errors(exc)}\n")
+
+
+def _show_default(name: str) -> str:
+    field = Settings.model_fields[name]
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, list):
+        return ",".join(value)
+    return "unset" if value is None else str(value)
+
+
+def _metavar(name: str) -> str:
+    if name.endswith("_s"):
+        return "SECONDS"
+    if name.endswith("_ms"):
+        return "MS"
+    annotation = Settings.model_fields[name].annotation
+    return {int: "N", float: "X", Path: "DIR"}.get(annotation, name.split("_")[-1].upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m server`` argument parser: one flag per `Settings` field, defaults shown."""
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="vitserve: serve Vision Transformers at any resolution. Every flag also reads "
+        f"{ENV_PREFIX}<NAME> from the environment.",
+    )
+    for name, field in Settings.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar=_metavar(name),
+            help=f"{field.description} (default: {_show_default(name)}; env {env})",
+        )
+    return parser
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per invalid setting, naming both the flag and the environment variable."""
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err.get("loc") else "?"
+        flag, env = "--" + name.replace("_", "-"), ENV_PREFIX + name.upper()
+        lines.append(f"  {flag} / {env}: {err['msg']}")
+    return "\n".join(lines)
