@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor
 from importlib import metadata
 from typing import Any
 
@@ -34,7 +35,14 @@ from server.errors import (
 )
 from server.model_config import ModelConfig
 from server.repository import ModelVersion
-from server.routes.deps import AppMetrics, AppSettings, Repository, label_model, until_disconnected
+from server.routes.deps import (
+    AppMetrics,
+    AppSettings,
+    DecodePool,
+    Repository,
+    label_model,
+    until_disconnected,
+)
 from server.routes.uploads import read_body
 from server.settings import Settings
 from server.v2_codec import HEADER_LENGTH, TensorSpec, V2ProtocolError
@@ -215,6 +223,7 @@ async def model_infer(
     repository: Repository,
     settings: AppSettings,
     metrics: AppMetrics,
+    pool: DecodePool,
     name: str,
     version: str | None = None,
 ) -> Response:
@@ -227,7 +236,7 @@ async def model_infer(
     """
     label_model(request, repository, name)
     mv = repository.get(name, _version_number(version))
-    infer = await _decode(request, mv.config, settings)
+    infer = await _decode(request, mv.config, settings, pool)
     pixels = infer.inputs[mv.config.onnx.input]
     _check_batch(mv, pixels.shape, settings.max_images_per_request)
     logits = await until_disconnected(request, _run(mv, pixels, infer.timeout_s))
@@ -241,15 +250,21 @@ async def model_infer(
     )
 
 
-async def _decode(request: Request, config: ModelConfig, settings: Settings) -> v2_codec.InferRequest:
+async def _decode(
+    request: Request, config: ModelConfig, settings: Settings, pool: Executor
+) -> v2_codec.InferRequest:
+    """Read, inflate and parse the body; the parsing (JSON of up to megabytes) runs in the decode pool."""
     limit = settings.max_upload_bytes
     body = await read_body(request, limit)
-    body = v2_codec.decompress(body, request.headers.get("content-encoding"), limit)
     pixels, logits = _signature(config)
-    # A binary FP32 tensor cannot carry more than limit / 4 elements; JSON carries fewer.
-    return v2_codec.decode_infer_request(
-        body, request.headers.get(HEADER_LENGTH), [pixels], [logits], limit // 4
-    )
+    encoding, header_length = request.headers.get("content-encoding"), request.headers.get(HEADER_LENGTH)
+
+    def decode() -> v2_codec.InferRequest:
+        raw = v2_codec.decompress(body, encoding, limit)
+        # A binary FP32 tensor cannot carry more than limit / 4 elements; JSON carries fewer.
+        return v2_codec.decode_infer_request(raw, header_length, [pixels], [logits], limit // 4)
+
+    return await asyncio.get_running_loop().run_in_executor(pool, decode)
 
 
 def _check_batch(mv: ModelVersion, shape: tuple[int, ...], max_images: int) -> None:
