@@ -1,4 +1,4 @@
-"""Fixtures for the deployment tests: a tiny exported model repository and a real `python -m server`."""
+"""Fixtures for the deployment tests: a real `python -m server` over tests/conftest.py's tiny repository."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = "tiny"
-LABELS = ["ant", "bee", "cat", "dog", "eel"]
+MODEL = "tiny"  # the default model of tests/conftest.py's tiny_repo
 
 
 def free_port() -> int:
@@ -69,48 +68,26 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository with one 2-block ViT (32 px, patch 8), really exported to ONNX."""
-    import torch
-
-    from server.model_config import Preprocess, Resolutions
-    from training.export import export_to_repository
-    from training.model import VisionTransformer, ViTConfig
-
-    repo = tmp_path_factory.mktemp("model_repo")
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        image_size=(32, 32), patch_size=8, num_classes=len(LABELS), embed_dim=32, depth=2, num_heads=4
-    )
-    model = VisionTransformer(cfg).eval()
-    export_to_repository(
-        model, repo=repo, name=MODEL, version=1, labels=LABELS, preprocess=Preprocess(),
-        resolutions=Resolutions(min=16, max=64),
-    )  # fmt: skip
-    return repo
-
-
-def demo_or_tiny_repo(tiny_repo: Path) -> Path:
-    """The committed demo repository (model_repo/) when it holds a model, else the tiny one."""
-    if any((REPO / "model_repo").glob("*/config.json")):
-        return REPO / "model_repo"
-    return tiny_repo
+def demo_repo() -> Path | None:
+    """The committed demo repository (model_repo/), when it holds a model yet."""
+    return REPO / "model_repo" if any((REPO / "model_repo").glob("*/config.json")) else None
 
 
 @pytest.fixture(scope="session")
-def live_server(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m server` from the dev venv on a loopback port, serving the tiny repository."""
+def live_server(tiny_repo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m server` from the dev venv on a loopback port, over tests/conftest.py's tiny repository
+    (whose `tiny-corrupt` model fails to load, as a real repository's broken entry would)."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     command = [
-        sys.executable, "-m", "server", "--model-repo", str(tiny_repo), "--host", "127.0.0.1",
+        sys.executable, "-m", "server", "--model-repo", str(tiny_repo.path), "--default-model", MODEL,
+        "--host", "127.0.0.1",
         "--port", str(port), "--providers", "CPUExecutionProvider", "--max-batch-size", "8",
         "--max-queue-delay-ms", "20", "--decode-threads", "2", "--intra-op-threads", "1",
     ]  # fmt: skip
     with log.open("w") as out:
         process = subprocess.Popen(
-            command, env=clean_env(), cwd=tiny_repo, stdout=out, stderr=subprocess.STDOUT
+            command, env=clean_env(), cwd=tiny_repo.path, stdout=out, stderr=subprocess.STDOUT
         )
     url = f"http://127.0.0.1:{port}"
     try:

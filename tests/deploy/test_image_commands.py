@@ -6,7 +6,7 @@ the image), the build stage's RUN lines run as written with `sh -c` (a fresh ven
 install`, from the package index like `docker build`), and the ENTRYPOINT + CMD start with the image's
 environment. Deviations, all forced by running on the host: the server binds 127.0.0.1 on a free port
 instead of 0.0.0.0:8000; user creation (root-only) is skipped; and when model_repo/ holds no model yet,
-the tiny test repository stands in for it.
+the `tiny` model of tests/conftest.py's repository stands in for it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.deploy.conftest import demo_or_tiny_repo, free_port, png, stop, wait_ready
+from tests.deploy.conftest import MODEL, demo_repo, free_port, png, stop, wait_ready
 from tests.deploy.dockerfile import Instruction, Stage, stages
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,7 +119,7 @@ def container_env(**base: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory, tiny_repo: Path) -> Image:
+def image(tmp_path_factory: pytest.TempPathFactory, tiny_repo) -> Image:
     """The CPU image, "built": the build stage run for real, the runtime stage laid out over it."""
     build, runtime = stages(DOCKERFILE)[0], stages(DOCKERFILE)[-1]
     assert build.base == runtime.base  # so the venv's interpreter is the same in both stages
@@ -131,14 +131,9 @@ def image(tmp_path_factory: pytest.TempPathFactory, tiny_repo: Path) -> Image:
         emulator.apply(inst, build, run=True)
     emulator.workdir = "/"
     skipped_runtime_runs(runtime)
-    models = demo_or_tiny_repo(tiny_repo)
     for inst in runtime.instructions:
-        if (
-            inst.keyword == "COPY"
-            and inst.operands() == ["model_repo/", "/models/"]
-            and models != REPO / "model_repo"
-        ):
-            shutil.copytree(models, emulator.inside("/models"), dirs_exist_ok=True)
+        if inst.keyword == "COPY" and inst.operands() == ["model_repo/", "/models/"] and demo_repo() is None:
+            shutil.copytree(tiny_repo.path / MODEL, emulator.inside(f"/models/{MODEL}"))
             continue
         emulator.apply(inst, runtime, run=False)
     entrypoint = runtime.last("ENTRYPOINT").exec_form()

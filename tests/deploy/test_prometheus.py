@@ -206,7 +206,10 @@ def test_rules_load_and_evaluate_cleanly(loaded: str) -> None:
 
     rules = eventually(evaluated, 20)
     assert [r for r in rules if r["health"] != "ok"] == []
-    assert {r["name"] for r in rules if r["type"] == "alerting" and r["state"] != "inactive"} == set()
+    raised = {r["name"]: r for r in rules if r["type"] == "alerting" and r["state"] != "inactive"}
+    # The repository's tiny-corrupt entry really fails to load: exactly that alert is raised, for it.
+    assert set(raised) == {"VitserveModelFailed"}
+    assert [a["labels"]["model"] for a in raised["VitserveModelFailed"]["alerts"]] == ["tiny-corrupt"]
     assert query(loaded, 'vitserve:inference_requests:rate5m{model="tiny", status="200"} > 0')
     assert query(loaded, 'vitserve:inference_errors:ratio_rate5m{model="tiny"} == 0')
 
