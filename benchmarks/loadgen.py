@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -154,13 +155,17 @@ async def _open(sender: _Sender, spec: LoadSpec, deadline: float) -> list[Sample
     return samples
 
 
-async def run_load(url: str, payloads: list[Payload], spec: LoadSpec) -> dict:
+async def run_load(
+    url: str, payloads: list[Payload], spec: LoadSpec, after_warmup: Callable[[], object] | None = None
+) -> dict:
     """Drive `url` with `payloads` as `spec` says; return the summary (see `latency.summarize`).
 
     Args:
         url: Full URL with query string, on a loopback address.
         payloads: Bodies to cycle through.
         spec: The run's shape and bounds.
+        after_warmup: Called (in a thread) between warm-up and measurement, with nothing in flight:
+            the place to read the server's counters, so they cover exactly the measured requests.
     """
     check_loopback(url)
     if spec.mode == "open" and spec.rate <= 0:
@@ -172,6 +177,8 @@ async def run_load(url: str, payloads: list[Payload], spec: LoadSpec) -> dict:
         sender = _Sender(client, url, payloads)
         warm_deadline = time.perf_counter() + spec.timeout_s
         await _closed(sender, min(spec.concurrency, 8), spec.warmup_requests, warm_deadline)
+        if after_warmup is not None:
+            await asyncio.to_thread(after_warmup)
         start = time.perf_counter()
         deadline = start + spec.max_seconds
         if spec.mode == "closed":
@@ -184,7 +191,9 @@ async def run_load(url: str, payloads: list[Payload], spec: LoadSpec) -> dict:
     return result
 
 
-def run_load_sync(url: str, payloads: list[Payload], spec: LoadSpec) -> dict:
+def run_load_sync(
+    url: str, payloads: list[Payload], spec: LoadSpec, after_warmup: Callable[[], object] | None = None
+) -> dict:
     """`run_load` on a fresh event loop (uvloop when installed: less client CPU per request)."""
     try:
         import uvloop
@@ -193,4 +202,4 @@ def run_load_sync(url: str, payloads: list[Payload], spec: LoadSpec) -> dict:
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(run_load(url, payloads, spec))
+        return runner.run(run_load(url, payloads, spec, after_warmup))

@@ -65,9 +65,11 @@ class Plan:
         return self.image_kinds[0]
 
     def closed(self, concurrency: int) -> LoadSpec:
+        # A lone client's latency settles within seconds; throughput points get the full time.
+        seconds = min(self.point_seconds, 10.0) if concurrency == 1 else self.point_seconds
         return LoadSpec(
             "closed", concurrency=concurrency, max_requests=self.point_requests,
-            max_seconds=self.point_seconds, warmup_requests=self.warmup_requests, timeout_s=self.timeout_s,
+            max_seconds=seconds, warmup_requests=self.warmup_requests, timeout_s=self.timeout_s,
         )  # fmt: skip
 
     def open_loop(self) -> LoadSpec:

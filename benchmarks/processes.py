@@ -79,6 +79,10 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
             log.warning("server %d ignored SIGTERM for %.0f s; killing it", proc.pid, grace_s)
     _signal_all(session_members(proc.pid), signal.SIGKILL)
     proc.wait()
+    # SIGKILL is asynchronous: wait, so the next server starts on a quiet machine.
+    deadline = time.monotonic() + 10.0
+    while session_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -184,9 +184,10 @@ class Suite:
             spec = _with_rate(spec, point.rate_factor * saturated)
         base = f"http://127.0.0.1:{port}"
         log.info("  %s %s %s %s", server.key, point.name, point.image_kind, point.query or "")
-        before = scrape(base)
-        result = run_load_sync(server.classify_url(port, point.query), self.payloads[point.image_kind], spec)
-        return {**row, **result, "split": run_split(before, scrape(base), server.metrics_match)}
+        before: list[str | None] = []
+        url, payloads = server.classify_url(port, point.query), self.payloads[point.image_kind]
+        result = run_load_sync(url, payloads, spec, after_warmup=lambda: before.append(scrape(base)))
+        return {**row, **result, "split": run_split(before[0], scrape(base), server.metrics_match)}
 
 
 def _with_rate(spec, rate: float):

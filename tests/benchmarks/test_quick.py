@@ -1,0 +1,71 @@
+"""`python -m benchmarks --quick` end to end: a real export, real servers on loopback, real load."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--out",
+        str(out / "run"),
+        "--work",
+        str(out / "models"),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "run" / "results.json").read_text()), (out / "run" / "results.md").read_text()
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_run_measures_the_limit_for_fp32_and_int8(quick_run):
+    results, _ = quick_run
+    rows = {(r["variant"], tuple(r["resolution"])): r for r in results["offline"]}
+    assert set(rows) == {("fp32", (32, 32)), ("int8", (32, 32)), ("fp32", (48, 48)), ("int8", (48, 48))}
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["decode_images_per_s"] > 0
+        assert r["single_image"]["total_ms"] >= r["single_image"]["infer_ms"] > 0
+    assert 0.0 <= rows[("int8", (32, 32))]["top1_agreement"] <= 1.0
+    assert results["peak"]["ort_fp32_flops"] > 0
+
+
+def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
+    results, _ = quick_run
+    rows = [r for r in results["servers"] if "skipped" not in r]
+    assert {r["server"] for r in rows} == {"naive-torch", "vitserve", "vitserve-tuned"}
+    main = [r for r in rows if r["image_kind"] == "jpeg-64x48" and not r["query"]]
+    for r in main:
+        assert r["ok"] > 0, r
+    vit_c1 = next(r for r in main if r["server"] == "vitserve" and r["point"] == "c=1")
+    batches = vit_c1["split"]["batch_size"]
+    # Every image the client got an answer for ran in exactly one executed batch.
+    assert batches["mean"] * batches["count"] == pytest.approx(vit_c1["images_ok"])
+    assert vit_c1["split"]["inference_s"]["count"] == batches["count"]
+    hi_res = [r for r in rows if r["query"].get("resolution") == "48"]
+    assert hi_res and all(r["ok"] > 0 for r in hi_res)
+    assert any(r["point"] == "open 2x" and r["spec"]["mode"] == "open" for r in rows)
+
+
+def test_quick_run_writes_the_tables(quick_run):
+    _, text = quick_run
+    for heading in (
+        "## Machine",
+        "## The machine's matrix-multiply rate",
+        "## The limit",
+        "## Servers",
+        "## Targets",
+    ):
+        assert heading in text

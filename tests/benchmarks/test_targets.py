@@ -1,0 +1,90 @@
+from benchmarks.__main__ import BEGIN, END, update_results_md
+from benchmarks.report import markdown
+from benchmarks.targets import evaluate
+
+
+def _row(server, point, ips, p50=10.0, p99=100.0, errors=None, refused_max=None, variant="fp32"):
+    return {
+        "server": server, "label": server, "point": point, "variant": variant, "model": "m",
+        "image_kind": "jpeg", "query": {}, "images_per_s": ips, "errors": errors or {},
+        "latency": {"p50_ms": p50, "p90_ms": p99, "p99_ms": p99, "max_ms": p99},
+        "refused_latency": {"p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": refused_max},
+        "spec": {"mode": "open" if point.startswith("open") else "closed", "rate": 2 * ips},
+        "split": {"batch_size": {"mean": 4.0}},
+    }  # fmt: skip
+
+
+def _results(vit_sat=95.0, vit_c1_p50=12.0, over_p99=150.0, over_errors=None, refused_max=20.0):
+    offline = {
+        "model": "m", "variant": "fp32", "resolution": [224, 224], "image_kind": "jpeg",
+        "flops_per_image": 1e9, "best_batch": 8, "images_per_s": 120.0, "decode_images_per_s": 100.0,
+        "single_image": {"decode_ms": 3.0, "infer_ms": 7.0, "total_ms": 10.0},
+    }  # fmt: skip
+    int8 = {**offline, "variant": "int8", "top1_agreement": 0.97}
+    servers = [
+        _row("naive-torch", "c=32", 40.0),
+        _row("litserve", "c=32", 70.0),
+        _row("rayserve", "c=32", 60.0),
+        _row("vitserve", "c=32", vit_sat),
+        _row("vitserve", "c=1", 50.0, p50=vit_c1_p50),
+        _row(
+            "vitserve",
+            "open 2x",
+            vit_sat,
+            p99=over_p99,
+            errors=over_errors or {"503": 30},
+            refused_max=refused_max,
+        ),
+        _row("vitserve", "c=1", 80.0, variant="int8"),
+        {"server": "rayserve", "skipped": "did not start"},
+    ]
+    meta = {"model": "m", "native": [224, 224], "main_kind": "jpeg", "saturation": 32}
+    return {"meta": meta, "peak": {}, "offline": [offline, int8], "servers": servers}
+
+
+def _verdicts(results):
+    return {t["target"]: t["verdict"] for t in evaluate(results)}
+
+
+def test_all_targets_met():
+    v = _verdicts(_results())
+    assert v == {
+        "defaults: saturated ≥ 90% of decode-included limit": "met",
+        "defaults: ≥ 1.3× best contender": "met",
+        "defaults: c=1 p50 ≤ in-process + 2 ms": "met",
+        "defaults: at 2× saturation rate": "met",
+        "int8 (VNNI) and fp32 both reported, with top-1 agreement": "met",
+    }
+
+
+def test_each_target_can_be_missed():
+    assert (
+        _verdicts(_results(vit_sat=85.0))["defaults: saturated ≥ 90% of decode-included limit"]
+        == "**missed**"
+    )
+    assert _verdicts(_results(vit_sat=90.0))["defaults: ≥ 1.3× best contender"] == "**missed**"  # 90/70 < 1.3
+    assert _verdicts(_results(vit_c1_p50=12.5))["defaults: c=1 p50 ≤ in-process + 2 ms"] == "**missed**"
+    overload = "defaults: at 2× saturation rate"
+    assert _verdicts(_results(over_p99=201.0))[overload] == "**missed**"
+    assert _verdicts(_results(refused_max=60.0))[overload] == "**missed**"
+    assert _verdicts(_results(over_errors={"503": 3, "timeout": 1}))[overload] == "**missed**"
+    assert _verdicts(_results(over_errors={"503": 3, "504": 2}))[overload] == "met"  # answered, not silent
+
+
+def test_markdown_has_every_section_and_the_skip_reason():
+    results = _results()
+    results["meta"].update(cpu_model="cpu", cores=2, date="today", command="python -m benchmarks")
+    text = markdown(results)
+    for heading in ("## Machine", "## The limit", "## Servers", "## Targets"):
+        assert heading in text
+    assert "skipped: did not start" in text
+    assert "`python -m benchmarks`" in text
+
+
+def test_update_results_keeps_the_notes_around_the_generated_block(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# Title\nnotes before\n{BEGIN}\nold table\n{END}\nnotes after\n")
+    update_results_md("new table\n", path)
+    text = path.read_text()
+    assert "old table" not in text
+    assert text == f"# Title\nnotes before\n{BEGIN}\nnew table\n{END}\nnotes after\n"
