@@ -1,12 +1,14 @@
-"""Every environment the deployment files give the server is one `server.settings.Settings` accepts.
+"""The deployment files agree with the server itself: its settings, its routes, its metric labels.
 
 A setting the server would refuse (a misspelt value, an empty API key, a port out of range) makes the
-container exit at start-up; here it fails a test instead.
+container exit at start-up, and a probe on a path the app does not serve restarts it forever; here either
+fails a test instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,36 @@ def test_an_empty_admin_key_would_be_refused(monkeypatch: pytest.MonkeyPatch) ->
     assert compose_env("vitserve")["VITSERVE_ADMIN_API_KEY"] is None
     with pytest.raises(ValidationError, match="admin_api_key"):
         settings_from({"VITSERVE_ADMIN_API_KEY": ""}, monkeypatch)
+
+
+# Paths that probes, health checks, scrapers and alert rules rely on.
+USED_PATHS = {
+    "/readyz": "HEALTHCHECK, compose healthcheck, k8s readinessProbe",
+    "/healthz": "k8s livenessProbe and startupProbe",
+    "/metrics": "Prometheus, ServiceMonitor, KServe annotation",
+    "/classify": "alert rules and dashboard (endpoint label)",
+    "/v2/health/ready": "KServe readinessProbe",
+    "/v2/health/live": "KServe livenessProbe",
+}
+INFERENCE_ENDPOINTS = re.compile(r"/classify|/v2/models/.+/infer")  # as in rules.yml and the dashboard
+
+
+@pytest.fixture(scope="module")
+def routes(tiny_repo) -> set[str]:
+    from server.app import create_app
+
+    settings = Settings(model_repo=tiny_repo.path, providers=["CPUExecutionProvider"], default_model="tiny")
+    return set(create_app(settings).openapi()["paths"])  # every route, with its path template
+
+
+def test_every_path_the_deployment_uses_is_served(routes: set[str]) -> None:
+    assert {path: why for path, why in USED_PATHS.items() if path not in routes} == {}
+
+
+def test_inference_endpoint_pattern_matches_the_real_route_templates(routes: set[str]) -> None:
+    inference = {r for r in routes if r == "/classify" or (r.startswith("/v2/") and r.endswith("/infer"))}
+    assert len(inference) >= 2
+    assert {r for r in inference if not INFERENCE_ENDPOINTS.fullmatch(r)} == set()
+    assert {r for r in routes if INFERENCE_ENDPOINTS.fullmatch(r)} == inference  # nothing else is counted
+    text = (REPO / "docker" / "prometheus" / "rules.yml").read_text()
+    assert text.count('endpoint=~"/classify|/v2/models/.+/infer"') == 2
