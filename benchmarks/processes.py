@@ -46,21 +46,32 @@ def _wait_ready(proc: subprocess.Popen, ready_url: str, log_path: Path, timeout_
     raise ServerStartError(f"not ready after {timeout_s:.0f} s at {ready_url}:\n{_tail(log_path)}")
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes in session `sid`: the server we started and everything it spawned.
-
-    Servers fork workers into process groups of their own (Ray does), but all stay in the session
-    that `start_new_session` gave our child, so the session id finds exactly our processes.
-    """
-    pids = []
+def _session_stats(sid: int) -> dict[int, list[str]]:
+    """/proc/PID/stat fields (from the state on) of every live process in session `sid`."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if fields[0] != "Z" and int(fields[3]) == sid:
-            pids.append(int(stat.parent.name))
-    return pids
+            out[int(stat.parent.name)] = fields
+    return out
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes in session `sid`: the server we started and everything it spawned.
+
+    Servers fork workers into process groups of their own (Ray does), but all stay in the session
+    that `start_new_session` gave our child, so the session id finds exactly our processes.
+    """
+    return list(_session_stats(sid))
+
+
+def session_cpu_seconds(sid: int) -> float:
+    """User + system CPU time used so far by the live processes of session `sid`."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum(int(f[11]) + int(f[12]) for f in _session_stats(sid).values()) / ticks
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:

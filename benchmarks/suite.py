@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from benchmarks.images import EncodedImage, image_set
 from benchmarks.loadgen import Payload, multipart, run_load_sync
 from benchmarks.models import SPECS, BuiltModel, build, existing
 from benchmarks.plan import TUNED_SETTINGS, LoadPoint, Plan
-from benchmarks.processes import ServerStartError, free_port, serving
+from benchmarks.processes import ServerStartError, free_port, serving, session_cpu_seconds
 from benchmarks.prometheus import run_split, scrape
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class Suite:
             self.run_vitserve(model, demo)
 
     def contender_batch(self) -> int:
-        """The contenders batch up to ORT's best batch size measured here (16 when not measured)."""
+        """ORT's best batch size measured here (16 when not measured): every batching server's limit."""
         for row in self.results["offline"]:
             if row["variant"] == "fp32":
                 return int(min(row["best_batch"], 32))
@@ -136,13 +137,14 @@ class Suite:
 
     def run_vitserve(self, model: BuiltModel, demo: BuiltModel | None) -> None:
         plan, repo, name = self.plan, model.repo, model.name
-        tuned = {"settings": TUNED_SETTINGS}
+        settings = {**TUNED_SETTINGS, "max_batch_size": str(self.contender_batch())}
+        tuned = {"settings": settings}
         defaults = servers.vitserve(repo, name, "fp32")
         self.measure(defaults, model, "fp32", plan.basic_points() + plan.overload_points())
         points = plan.basic_points() + plan.overload_points() + plan.extra_points()
-        self.measure(servers.vitserve(repo, name, "fp32", TUNED_SETTINGS), model, "fp32", points, tuned)
+        self.measure(servers.vitserve(repo, name, "fp32", settings), model, "fp32", points, tuned)
         if model.has("int8"):
-            int8 = servers.vitserve(repo, name, "int8", TUNED_SETTINGS)
+            int8 = servers.vitserve(repo, name, "int8", settings)
             self.measure(int8, model, "int8", plan.basic_points(), tuned)
         if demo:
             self.measure(servers.vitserve(demo.repo, demo.name, "fp32"), demo, "fp32", plan.basic_points())
@@ -161,10 +163,10 @@ class Suite:
         log.info("starting %s (%s, %s)", server.label, model.name, variant)
         try:
             with serving(servers.resolve(server, port), base + server.ready_path, log_path,
-                         env=server.env, cwd=servers.REPO_ROOT):  # fmt: skip
+                         env=server.env, cwd=servers.REPO_ROOT) as proc:  # fmt: skip
                 saturated = None
                 for point in points:
-                    row = self.measure_point(server, port, point, saturated)
+                    row = self.measure_point(server, port, proc.pid, point, saturated)
                     row.update(model=model.name, variant=variant, **(extra or {}))
                     if point.name == f"c={self.plan.saturation}" and not point.query and saturated is None:
                         saturated = row["images_per_s"]
@@ -173,7 +175,7 @@ class Suite:
         except ServerStartError as exc:
             self.skip(server.key, f"{server.label} did not start: {exc}")
 
-    def measure_point(self, server: servers.ServerUnderTest, port: int, point: LoadPoint,
+    def measure_point(self, server: servers.ServerUnderTest, port: int, pid: int, point: LoadPoint,
                       saturated: float | None) -> dict:  # fmt: skip
         row = {"server": server.key, "label": server.label, "point": point.name,
                "image_kind": point.image_kind, "query": point.query}  # fmt: skip
@@ -184,10 +186,21 @@ class Suite:
             spec = _with_rate(spec, point.rate_factor * saturated)
         base = f"http://127.0.0.1:{port}"
         log.info("  %s %s %s %s", server.key, point.name, point.image_kind, point.query or "")
-        before: list[str | None] = []
+        before: dict = {}
+
+        def snapshot() -> dict:
+            return {
+                "metrics": scrape(base),
+                "server_cpu": session_cpu_seconds(pid),
+                "client_cpu": time.process_time(),
+            }
+
         url, payloads = server.classify_url(port, point.query), self.payloads[point.image_kind]
-        result = run_load_sync(url, payloads, spec, after_warmup=lambda: before.append(scrape(base)))
-        return {**row, **result, "split": run_split(before[0], scrape(base), server.metrics_match)}
+        result = run_load_sync(url, payloads, spec, after_warmup=lambda: before.update(snapshot()))
+        after = snapshot()
+        cores = {k: (after[k] - before[k]) / result["wall_s"] for k in ("server_cpu", "client_cpu")}
+        split = run_split(before["metrics"], after["metrics"], server.metrics_match)
+        return {**row, **result, "split": split, "cores_used": cores}
 
 
 def _with_rate(spec, rate: float):

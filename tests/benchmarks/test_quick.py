@@ -49,6 +49,7 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     main = [r for r in rows if r["image_kind"] == "jpeg-64x48" and not r["query"]]
     for r in main:
         assert r["ok"] > 0, r
+        assert r["cores_used"]["server_cpu"] > 0  # the server's own processes did the work
     vit_c1 = next(r for r in main if r["server"] == "vitserve" and r["point"] == "c=1")
     batches = vit_c1["split"]["batch_size"]
     # Every image the client got an answer for ran in exactly one executed batch.
