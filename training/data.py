@@ -23,13 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from server.model_config import Preprocess
+from server.preprocess import preprocess_image
 from training.errors import UserError
 from training.synthetic import SyntheticImages
-
-try:
-    from server.preprocess import preprocess_image
-except ImportError:  # pragma: no cover - until the server's preprocess module lands
-    from training.preprocess_fallback import preprocess_image
 
 log = logging.getLogger(__name__)
 
