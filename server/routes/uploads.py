@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
-from server.errors import BadRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from server.errors import BadRequestError, ClientClosedError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 IMAGE_FIELD = "image"
 _MAX_OTHER_FIELDS = 16
@@ -105,8 +106,11 @@ async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLargeError(f"request body over the limit of {max_bytes} bytes")
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise PayloadTooLargeError(f"request body over the limit of {max_bytes} bytes")
-        yield chunk
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise PayloadTooLargeError(f"request body over the limit of {max_bytes} bytes")
+            yield chunk
+    except ClientDisconnect as exc:
+        raise ClientClosedError() from exc
