@@ -140,7 +140,7 @@ def normalise(img: Image.Image, spec: Preprocess) -> np.ndarray:
     scale = (1.0 / (255.0 * std))[:, None, None]
     offset = (-np.asarray(spec.mean, dtype=np.float32) / std)[:, None, None]
     chw = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W) view
-    out = chw.astype(np.float32)
+    out = chw.astype(np.float32, order="C")
     out *= scale
     out += offset
     return out

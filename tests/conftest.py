@@ -27,7 +27,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -41,7 +40,7 @@ TINY = "tiny"
 @dataclass
 class TinyRepo:
     path: Path
-    models: dict[int, torch.nn.Module] = field(default_factory=dict)
+    models: dict[int, object] = field(default_factory=dict)  # version -> torch model
     preprocess: Preprocess = field(default_factory=Preprocess)
 
 
@@ -51,8 +50,10 @@ class LiveServer:
     app: object
 
 
-def build_tiny_vit(seed: int) -> torch.nn.Module:
+def build_tiny_vit(seed: int):
     """A 2-block ViT on 32x32 px (patch 8, width 32); every parameter moved off its initial value."""
+    import torch
+
     from training.model import VisionTransformer, ViTConfig
 
     torch.manual_seed(seed)

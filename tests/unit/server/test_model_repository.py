@@ -1,0 +1,131 @@
+"""server.repository and server.runtime on real tiny graphs: discovery, isolation of failures, lookups."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.batcher import BatchPolicy
+from server.errors import InvalidResolutionError, ModelNotFoundError, ModelNotReadyError, StartupError
+from server.metrics import Metrics
+from server.model_config import ModelConfig
+from server.repository import ModelRepository, ModelState
+from server.runtime import RuntimeOptions, Session, choose_variant, resolve_providers
+from tests.conftest import TinyRepo
+
+pytestmark = pytest.mark.anyio
+
+DEFAULTS = BatchPolicy(max_batch_size=8, max_queue_delay_s=0.001, queue_capacity=16, timeout_s=5)
+
+
+def _repo(path: Path, default: str | None = None) -> ModelRepository:
+    repo = ModelRepository(path, RuntimeOptions(), DEFAULTS, Metrics(8), default)
+    repo.scan()
+    return repo
+
+
+@pytest.fixture
+def repo_dir(tiny_repo: TinyRepo, tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    shutil.copytree(tiny_repo.path, path)
+    return path
+
+
+async def test_failures_are_isolated_and_reasons_kept(repo_dir: Path) -> None:
+    (repo_dir / "tiny-slow" / "1" / "model.onnx").unlink()
+    (repo_dir / "tiny-strict" / "config.json").write_text('{"name": 3}')
+    repo = _repo(repo_dir)
+    await repo.load_all()
+    assert repo.get("tiny").version == 2
+    assert repo.entry("tiny-slow").versions[1].reason == "model.onnx is missing"
+    assert repo.entry("tiny-slow").versions[1].state is ModelState.FAILED
+    assert repo.entry("tiny-strict").error.startswith("invalid config.json")
+    assert "Protobuf" in repo.entry("tiny-corrupt").versions[1].reason
+    with pytest.raises(ModelNotReadyError, match=r"model\.onnx is missing"):
+        repo.get("tiny-slow")
+    assert repo.readiness() == (True, "default model tiny is ready")
+    await repo.close()
+
+
+async def test_lookups(repo_dir: Path) -> None:
+    repo = _repo(repo_dir, default="tiny")
+    assert repo.readiness()[0] is False
+    await repo.load("tiny")
+    assert repo.get().version == 2 and repo.get(None, 1).version == 1
+    with pytest.raises(ModelNotFoundError, match="no version 7"):
+        repo.get("tiny", 7)
+    with pytest.raises(ModelNotFoundError, match="model nope not found"):
+        repo.get("nope")
+    with pytest.raises(ModelNotFoundError, match="invalid model name"):
+        repo.get("../tiny")
+    mv = repo.get("tiny")
+    with pytest.raises(InvalidResolutionError, match="multiple of 8"):
+        mv.check_resolution((33, 32))
+    await repo.unload("tiny")
+    with pytest.raises(ModelNotReadyError, match="unloaded"):
+        repo.get("tiny")
+    await repo.close()
+
+
+async def test_infer_batches_a_tensor_and_returns_logits(repo_dir: Path, tiny_repo: TinyRepo) -> None:
+    import torch
+
+    repo = _repo(repo_dir)
+    await repo.load("tiny")
+    x = np.random.default_rng(0).standard_normal((3, 3, 24, 40)).astype(np.float32)
+    logits = await repo.get("tiny").infer(x)
+    with torch.no_grad():
+        ref = tiny_repo.models[2](torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-4)
+    await repo.close()
+
+
+def test_names_and_links_that_leave_the_repository_are_ignored(repo_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    shutil.copytree(repo_dir / "tiny", outside)
+    os.symlink(outside, repo_dir / "escape")
+    os.symlink(outside / "1", repo_dir / "tiny" / "9")
+    (repo_dir / "tiny" / "latest").mkdir()
+    (repo_dir / "bad name").mkdir()
+    shutil.copy(repo_dir / "tiny" / "config.json", repo_dir / "bad name" / "config.json")
+    repo = _repo(repo_dir)
+    assert {e.name for e in repo.entries()} == {"tiny", "tiny-corrupt", "tiny-slow", "tiny-strict"}
+    assert sorted(repo._version_dirs(repo_dir / "tiny")) == [1, 2]
+    assert repo._model_dir("..") is None and repo._model_dir("escape") is None
+
+
+def test_a_missing_repository_is_reported(tmp_path: Path) -> None:
+    repo = _repo(tmp_path / "nowhere")
+    ready, detail = repo.readiness()
+    assert not ready and "does not exist" in detail
+
+
+def test_session_runs_any_allowed_resolution_from_one_graph(tiny_repo: TinyRepo) -> None:
+    config = ModelConfig.load(tiny_repo.path / "tiny")
+    session = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions())
+    for hw in [(32, 32), (16, 48), (256, 8 * 3)]:
+        out = session.run(np.zeros((2, 3, *hw), np.float32))
+        assert out.shape == (2, 5) and out.dtype == np.float32
+    assert len(session._matrices) == 3  # one cached pair of matrices per grid, no new weights
+    session.close()
+
+
+def test_variant_choice(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert choose_variant("auto", tmp_path, on_gpu=True) == "fp32"  # no fp16 file
+    (tmp_path / "model.fp16.onnx").write_bytes(b"")
+    assert choose_variant("auto", tmp_path, on_gpu=True) == "fp16"
+    assert choose_variant("auto", tmp_path, on_gpu=False) == "fp32"
+    assert choose_variant("int8", tmp_path, on_gpu=False) == "fp32"  # asked for, missing: fp32
+    (tmp_path / "model.int8.onnx").write_bytes(b"")
+    assert choose_variant("int8", tmp_path, on_gpu=False) == "int8"
+
+
+def test_providers_keep_order_and_skip_the_unavailable() -> None:
+    assert resolve_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])[-1] == "CPUExecutionProvider"
+    with pytest.raises(StartupError, match="VITSERVE_PROVIDERS"):
+        resolve_providers(["TensorrtExecutionProvider"])
