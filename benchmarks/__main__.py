@@ -30,6 +30,7 @@ def _suite_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the benchmark suite.")
     p.add_argument("--quick", action="store_true", help="tiny model, a few requests: seconds (CI)")
+    p.add_argument("--gpu", action="store_true", help="vitserve end to end on CUDA (see gpu.sh)")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<UTC time>)")
     p.add_argument("--work", type=Path, default=HERE / "results" / "models",
                    help="where benchmark models are built and reused (default: %(default)s)")  # fmt: skip
@@ -42,11 +43,12 @@ def _suite_parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace):
-    from benchmarks.plan import SECTIONS, full_plan, quick_plan
+    from benchmarks.plan import SECTIONS, full_plan, gpu_plan, quick_plan
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or HERE / "results" / (stamp + ("-quick" if args.quick else ""))
-    plan = (quick_plan if args.quick else full_plan)(out, args.work)
+    suffix = "-quick" if args.quick else "-gpu" if args.gpu else ""
+    out = args.out or HERE / "results" / (stamp + suffix)
+    plan = (quick_plan if args.quick else gpu_plan if args.gpu else full_plan)(out, args.work)
     if args.sections:
         chosen = tuple(s.strip() for s in args.sections.split(","))
         unknown = set(chosen) - set(SECTIONS)

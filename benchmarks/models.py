@@ -63,6 +63,8 @@ class BuiltModel:
     @property
     def version(self) -> int:
         """The latest version in the entry (what the server serves by default)."""
+        if not self.directory.is_dir():
+            return 1
         numbers = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
         return max(numbers, default=1)
 
@@ -87,7 +89,7 @@ def _random_model(spec: ModelSpec):
     return model
 
 
-def build(spec: ModelSpec, workdir: Path) -> BuiltModel:
+def build(spec: ModelSpec, workdir: Path, fp16: bool = False) -> BuiltModel:
     """Checkpoint + repository entry (fp32 and int8) for `spec` under `workdir`, reused when present.
 
     The entry is written by `training.export.export_to_repository`, the product's exporter, so the
@@ -97,11 +99,13 @@ def build(spec: ModelSpec, workdir: Path) -> BuiltModel:
         spec: What to build.
         workdir: Holds ``checkpoints/`` and ``repo/``; a model already built there from the same
             spec is reused as it is.
+        fp16: Also write the fp16 graph (for the CUDA provider).
     """
     repo, ckpt = workdir / "repo", workdir / "checkpoints" / f"{spec.name}.pt"
     built = BuiltModel(spec.name, repo, ckpt)
     stamp = ckpt.with_suffix(".spec")
-    if stamp.is_file() and stamp.read_text() == spec.fingerprint() and built.has("int8"):
+    complete = built.has("int8") and (built.has("fp16") or not fp16)
+    if stamp.is_file() and stamp.read_text() == spec.fingerprint() and complete:
         return built
     import torch
 
@@ -121,6 +125,7 @@ def build(spec: ModelSpec, workdir: Path) -> BuiltModel:
         version=1,
         labels=labels,
         preprocess=Preprocess(),
+        fp16=fp16,
         int8=True,
         source="benchmark: random weights",
         force=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadSpec
 
-SECTIONS = ("peak", "offline", "naive-torch", "litserve", "rayserve", "vitserve")
+SECTIONS = ("peak", "offline", "http-floor", "naive-torch", "litserve", "rayserve", "vitserve")
 
 # vitserve settings this suite recommends for a small CPU machine, measured against the defaults.
 # `max_batch_size` is added per run: ONNX Runtime's best batch size measured on this machine (a
@@ -42,6 +42,8 @@ class Plan:
     quick: bool
     out_dir: Path
     work_dir: Path
+    gpu: bool = False
+    providers: str = "CPUExecutionProvider"
     sections: tuple[str, ...] = SECTIONS
     install: bool = True
     model: str = "vit-s16"
@@ -79,6 +81,9 @@ class Plan:
             warmup_requests=self.warmup_requests, timeout_s=self.timeout_s, max_in_flight=1024,
         )  # fmt: skip
 
+    def closed_point(self, concurrency: int) -> LoadPoint:
+        return LoadPoint(f"c={concurrency}", self.main_kind, self.closed(concurrency))
+
     def basic_points(self, kind: str | None = None) -> list[LoadPoint]:
         """Concurrency 1 (latency) and the saturation concurrency (throughput)."""
         kind = kind or self.main_kind
@@ -107,11 +112,22 @@ def full_plan(out_dir: Path, work_dir: Path, **changes) -> Plan:
     return replace(Plan(quick=False, out_dir=out_dir, work_dir=work_dir), **changes)
 
 
+def gpu_plan(out_dir: Path, work_dir: Path, **changes) -> Plan:
+    """vitserve end to end on a CUDA machine (gpu.sh): fp16 graph, many clients; offline is gpu_offline."""
+    gpu = Plan(
+        quick=False, out_dir=out_dir, work_dir=work_dir, gpu=True, sections=("vitserve",),
+        providers="CUDAExecutionProvider,CPUExecutionProvider", demo_repo=None,
+        image_kinds=("jpeg-640x480",), images_per_kind=32, saturation=64, point_seconds=15.0,
+        point_requests=100_000, warmup_requests=64,
+    )  # fmt: skip
+    return replace(gpu, **changes)
+
+
 def quick_plan(out_dir: Path, work_dir: Path, **changes) -> Plan:
     """A tiny model, a handful of requests, no contender venvs built: seconds, for CI."""
     quick = Plan(
         quick=True, out_dir=out_dir, work_dir=work_dir, install=False,
-        sections=("peak", "offline", "naive-torch", "vitserve"),
+        sections=("peak", "offline", "http-floor", "naive-torch", "vitserve"),
         model="tiny", hi_resolution=48, demo_repo=None, image_kinds=("jpeg-64x48", "png-128x128"),
         images_per_kind=4, agreement_images=8, batch_sizes=(1, 4), offline_seconds=0.05,
         single_image_calls=3, saturation=4, point_seconds=1.0, point_requests=12, warmup_requests=2,

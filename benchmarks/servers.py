@@ -75,7 +75,13 @@ def resolve(server: ServerUnderTest, port: int) -> list[str]:
     return _port_placeholder(server.cmd, port)
 
 
-def vitserve(repo: Path, model: str, variant: str, settings: dict[str, str] | None = None) -> ServerUnderTest:
+def vitserve(
+    repo: Path,
+    model: str,
+    variant: str,
+    settings: dict[str, str] | None = None,
+    providers: str = "CPUExecutionProvider",
+) -> ServerUnderTest:
     """vitserve itself: ``python -m server`` on `repo`; `settings` become extra ``--flags``.
 
     Without settings it runs on its defaults (what users get); with them, it is the tuned row.
@@ -83,7 +89,7 @@ def vitserve(repo: Path, model: str, variant: str, settings: dict[str, str] | No
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in (settings or {}).items()]
     cmd = [
         sys.executable, "-m", "server", "--model-repo", str(repo), "--host", "127.0.0.1", "--port", "{port}",
-        "--default-model", model, "--variant", variant, "--providers", "CPUExecutionProvider",
+        "--default-model", model, "--variant", variant, "--providers", providers,
         "--log-level", "warning", *flags,
     ]  # fmt: skip
     key, label = (
@@ -98,6 +104,12 @@ def naive_torch(spec_path: Path) -> ServerUnderTest:
     """FastAPI + PyTorch eager, one image per forward call (the main venv has torch)."""
     cmd = [sys.executable, "-m", "benchmarks.contenders.naive_torch", str(spec_path), "{port}"]
     return ServerUnderTest("naive-torch", "FastAPI + PyTorch eager", cmd, "/healthz")
+
+
+def http_floor() -> ServerUnderTest:
+    """uvicorn answering without looking at the image: what the HTTP path alone costs."""
+    cmd = [sys.executable, "-m", "benchmarks.contenders.echo_app", "{port}"]
+    return ServerUnderTest("http-floor", "HTTP floor (uvicorn, no model)", cmd, "/healthz")
 
 
 def litserve(python: Path, spec_path: Path) -> ServerUnderTest:

@@ -45,7 +45,7 @@ class Suite:
         for kind in plan.image_kinds:
             self.images[kind] = image_set(kind, plan.images_per_kind)
             self.payloads[kind] = [multipart([im]) for im in self.images[kind]]
-        model = build(SPECS[plan.model], plan.work_dir)
+        model = build(SPECS[plan.model], plan.work_dir, fp16=plan.gpu)
         demo = existing(plan.demo_repo, plan.demo_name) if plan.demo_repo else None
         self.results["meta"].update(
             model=model.name, native=list(model.config.image_size), main_kind=plan.main_kind,
@@ -100,6 +100,8 @@ class Suite:
     # -- servers ----------------------------------------------------------------------------------
 
     def run_servers(self, model: BuiltModel, demo: BuiltModel | None) -> None:
+        if "http-floor" in self.plan.sections:
+            self.measure(servers.http_floor(), model, "–", self.plan.basic_points())
         for name in ("naive-torch", "litserve", "rayserve"):
             if name in self.plan.sections:
                 self.run_contender(name, model)
@@ -137,6 +139,10 @@ class Suite:
 
     def run_vitserve(self, model: BuiltModel, demo: BuiltModel | None) -> None:
         plan, repo, name = self.plan, model.repo, model.name
+        if plan.gpu:  # the GPU end-to-end check: defaults, fp16 graph on CUDA
+            server = servers.vitserve(repo, name, "auto", providers=plan.providers)
+            self.measure(server, model, "auto", [*plan.basic_points(), plan.closed_point(256)])
+            return
         settings = {**TUNED_SETTINGS, "max_batch_size": str(self.contender_batch())}
         tuned = {"settings": settings}
         defaults = servers.vitserve(repo, name, "fp32")

@@ -69,6 +69,9 @@ def latency_targets(results: dict) -> list[dict]:
         floor = limit["single_image"]["total_ms"]
         p50 = row["latency"]["p50_ms"]
         fig = f"p50 {p50:.1f} ms vs in-process {floor:.1f} ms + 2 ms"
+        http = _server_row(results, "http-floor", "c=1", variant="–")
+        if http and http["latency"]["p50_ms"] is not None:
+            fig += f" (HTTP alone, no model: p50 {http['latency']['p50_ms']:.1f} ms)"
         out.append({"target": f"{label}: c=1 p50 ≤ in-process + 2 ms", "figure": fig,
                     "verdict": _verdict(p50 <= floor + 2.0)})  # fmt: skip
     return out

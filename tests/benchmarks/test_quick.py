@@ -45,11 +45,13 @@ def test_quick_run_measures_the_limit_for_fp32_and_int8(quick_run):
 def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     results, _ = quick_run
     rows = [r for r in results["servers"] if "skipped" not in r]
-    assert {r["server"] for r in rows} == {"naive-torch", "vitserve", "vitserve-tuned"}
+    assert {r["server"] for r in rows} == {"http-floor", "naive-torch", "vitserve", "vitserve-tuned"}
     main = [r for r in rows if r["image_kind"] == "jpeg-64x48" and not r["query"]]
     for r in main:
         assert r["ok"] > 0, r
-        assert r["cores_used"]["server_cpu"] > 0  # the server's own processes did the work
+        assert r["cores_used"]["server_cpu"] >= 0
+    # The model servers' own processes did measurable work (CPU time comes in 10 ms ticks).
+    assert all(r["cores_used"]["server_cpu"] > 0 for r in main if r["server"].startswith("vitserve"))
     vit_c1 = next(r for r in main if r["server"] == "vitserve" and r["point"] == "c=1")
     batches = vit_c1["split"]["batch_size"]
     # Every image the client got an answer for ran in exactly one executed batch.
