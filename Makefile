@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test lint demo-model clean-venv
+.PHONY: serve test lint demo-model clean-venv bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ test: lint
 
 demo-model: $(VENV)/.dev
 	$(PY) -m training demo --repo model_repo
+
+# The full benchmark suite (~15 min on 2 cores; run it on a quiet machine). It builds the competitors'
+# venvs under benchmarks/.venvs/ on first use and rewrites the table in benchmarks/RESULTS.md.
+# BENCH_ARGS=--quick for the seconds-long smoke run.
+bench: $(VENV)/.dev
+	$(PY) -m benchmarks --update-results $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
