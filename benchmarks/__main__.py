@@ -85,7 +85,9 @@ def run_suite(argv: list[str]) -> int:
     (plan.out_dir / "results.md").write_text(text, encoding="utf-8")
     print(text)
     print(f"raw results: {plan.out_dir / 'results.json'}")
-    if args.update_results:
+    if args.update_results and plan.quick:
+        print(f"not updating {RESULTS_MD.name}: quick-mode figures are a smoke test, not results")
+    elif args.update_results:
         update_results_md(text)
         print(f"updated {RESULTS_MD}")
     return 0
