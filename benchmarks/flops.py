@@ -27,6 +27,14 @@ class VitShape:
     in_chans: int = 3
 
 
+def shape_of(config) -> VitShape:
+    """The `VitShape` of a `server.model_config.ModelConfig`."""
+    a = config.architecture
+    return VitShape(
+        a.patch_size, a.embed_dim, a.depth, a.mlp_ratio, config.num_classes, config.native_grid, a.in_chans
+    )
+
+
 def vit_flops(shape: VitShape, image_hw: tuple[int, int]) -> int:
     """FLOPs for one image at (height, width), position embeddings resampled when off the native grid."""
     p, d = shape.patch_size, shape.embed_dim

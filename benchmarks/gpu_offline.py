@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.flops import vit_flops
+from benchmarks.flops import shape_of, vit_flops
 from benchmarks.models import SPECS, BuiltModel, build
 from server.pos_resample import resample_matrix
 
@@ -193,12 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run this on the GPU machine (benchmarks/gpu.sh)")
     built = build(SPECS[args.model], args.work, fp16=True)
-    from benchmarks.suite import _shape
-
     meta = {
         "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "onnxruntime": ort.__version__,
         "providers": ort.get_available_providers(), "model": built.name,
-        "gflops_per_image": vit_flops(_shape(built.config), built.config.image_size) / 1e9,
+        "gflops_per_image": vit_flops(shape_of(built.config), built.config.image_size) / 1e9,
     }  # fmt: skip
     batches = [int(b) for b in args.batches.split(",")]
     rows = measure(built, batches, args.seconds, args.out / "trt-cache")

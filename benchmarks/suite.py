@@ -10,13 +10,14 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import flops, machine, offline, servers, venvs
 from benchmarks.images import EncodedImage, image_set
-from benchmarks.loadgen import Payload, multipart, run_load_sync
+from benchmarks.loadgen import LoadSpec, Payload, multipart, run_load_sync
 from benchmarks.models import SPECS, BuiltModel, build, existing
 from benchmarks.plan import TUNED_SETTINGS, LoadPoint, Plan
 from benchmarks.processes import ServerStartError, free_port, serving, session_cpu_seconds
@@ -83,7 +84,7 @@ class Suite:
         sweep = offline.batch_sweep(ort_model, tensors, list(plan.batch_sizes), plan.offline_seconds)
         row = {
             "model": built.name, "variant": variant, "resolution": list(hw), "image_kind": plan.main_kind,
-            "flops_per_image": flops.vit_flops(_shape(cfg), hw), **sweep,
+            "flops_per_image": flops.vit_flops(flops.shape_of(cfg), hw), **sweep,
             "decode_images_per_s": offline.decode_included(
                 ort_model, images, decode, sweep["best_batch"], plan.offline_seconds
             ),
@@ -91,9 +92,8 @@ class Suite:
         }  # fmt: skip
         if variant != "fp32":
             reference = offline.OrtModel(built.onnx_path("fp32"), cfg)
-            agreement_set = np.stack(
-                [decode(im.data) for im in image_set("jpeg-640x480", plan.agreement_images, 7)]
-            )
+            fresh = image_set(plan.main_kind, plan.agreement_images, seed=7)  # not the timed images
+            agreement_set = np.stack([decode(im.data) for im in fresh])
             row["top1_agreement"] = offline.top1_agreement(reference, ort_model, agreement_set)
         return row
 
@@ -209,17 +209,8 @@ class Suite:
         return {**row, **result, "split": split, "cores_used": cores}
 
 
-def _with_rate(spec, rate: float):
-    from dataclasses import replace
-
+def _with_rate(spec: LoadSpec, rate: float) -> LoadSpec:
     return replace(spec, rate=rate, max_requests=max(spec.max_requests, int(rate * spec.max_seconds) + 1))
-
-
-def _shape(cfg) -> flops.VitShape:
-    a = cfg.architecture
-    return flops.VitShape(
-        a.patch_size, a.embed_dim, a.depth, a.mlp_ratio, cfg.num_classes, cfg.native_grid, a.in_chans
-    )
 
 
 def measure_peak(plan: Plan) -> dict:

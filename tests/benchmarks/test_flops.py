@@ -3,7 +3,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.flops import VitShape, numpy_gemm_flops, ort_gemm_ops, vit_flops
+from benchmarks.flops import VitShape, numpy_gemm_flops, ort_gemm_ops, shape_of, vit_flops
 from training.model import ViTConfig, create_model, preset_config
 
 
@@ -31,3 +31,15 @@ def test_vit_s16_is_the_published_4_6_gmacs():
 def test_gemm_rates_are_positive_and_plausible():
     rates = [numpy_gemm_flops(64, 0.01), ort_gemm_ops(64, min_seconds=0.01), ort_gemm_ops(64, True, 1, 0.01)]
     assert all(1e6 < rate < 1e15 for rate in rates)
+
+
+def test_shape_of_a_repository_config_counts_the_same_model():
+    from server.model_config import Architecture, ModelConfig, Resolutions
+
+    cfg = ViTConfig(image_size=(32, 48), patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    config = ModelConfig(
+        name="m", labels=["a", "b", "c"], image_size=(32, 48), pos_embed_interpolation="bicubic_aa",
+        architecture=Architecture(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0),
+        resolutions=Resolutions(min=8, max=64),
+    )  # fmt: skip
+    assert vit_flops(shape_of(config), (32, 48)) == _counted(create_model(cfg).eval(), (32, 48))
