@@ -69,6 +69,12 @@ def test_each_target_can_be_missed():
     assert _verdicts(_results(refused_max=60.0))[overload] == "**missed**"
     assert _verdicts(_results(over_errors={"503": 3, "timeout": 1}))[overload] == "**missed**"
     assert _verdicts(_results(over_errors={"503": 3, "504": 2}))[overload] == "met"  # answered, not silent
+    int8 = "int8 (VNNI) and fp32 both reported, with top-1 agreement"
+    no_int8_server = _results()
+    no_int8_server["servers"] = [r for r in no_int8_server["servers"] if r.get("variant") != "int8"]
+    assert _verdicts(no_int8_server)[int8] == "**missed**"
+    offline_only = {**_results(), "servers": []}
+    assert _verdicts(offline_only)[int8] == "not measured"
 
 
 def test_markdown_has_every_section_and_the_skip_reason():
