@@ -85,6 +85,11 @@ class Metrics:
         self.queue_depth = Gauge(
             "vitserve_queue_depth", "Images waiting in batch queues.", ["model"], registry=reg
         )
+        self.queue_capacity = Gauge(
+            "vitserve_queue_capacity",
+            "Images a model's batch queue accepts before answering 503 (its effective queue_capacity).",
+            ["model"], registry=reg,
+        )  # fmt: skip
         self.inflight = Gauge("vitserve_inflight_requests", "HTTP requests being handled.", registry=reg)
         self.model_state = Gauge(
             "vitserve_model_state", "1 for the current state of a model version.",

@@ -300,6 +300,7 @@ class ModelRepository:
             return
         mv.session, mv.batcher = session, batcher
         mv.load_seconds = time.perf_counter() - start
+        self.metrics.queue_capacity.labels(mv.name).set(mv.policy.queue_capacity)
         self.metrics.model_load.labels(mv.name, str(mv.version)).set(mv.load_seconds)
         self._set_state(mv, ModelState.READY)
         logger.info(
