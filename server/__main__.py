@@ -8,7 +8,9 @@ import sys
 import uvicorn
 
 from server.app import create_app
+from server.connections import uvicorn_options
 from server.errors import StartupError
+from server.preprocess import harden_pillow
 from server.settings import Settings
 
 
@@ -17,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    harden_pillow(settings.max_image_pixels)  # process-wide, so here rather than in create_app
     try:
         app = create_app(settings)
     except StartupError as exc:
@@ -24,15 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # One process: the metrics live in it, and threads (decode pool, one inference thread per
     # model version) give the parallelism, since Pillow and ONNX Runtime release the GIL.
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
-        server_header=False,
-    )
+    uvicorn.run(app, workers=1, **uvicorn_options(settings))
     return 0
 
 

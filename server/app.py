@@ -14,12 +14,16 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.batcher import BatchPolicy
 from server.errors import ErrorMiddleware, install_error_handlers
+from server.guards import BodyGuard, RequestId, UploadBudget
 from server.metrics import Metrics
 from server.repository import ModelRepository
 from server.routes import classify, health, models, v2
@@ -62,11 +66,36 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.repository = repository
     install_error_handlers(app)
-    for router in (classify.router, models.router, health.router, metrics_route.router, v2.router):
+    routers = [classify.router, models.router, health.router, v2.router]
+    if settings.metrics_port is None:  # else /metrics is served on its own port by the lifespan
+        routers.append(metrics_route.router)
+    for router in routers:
         app.include_router(router)
-    app.add_middleware(ErrorMiddleware)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    _add_middleware(app, settings, metrics)
     return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Outermost last: metrics see every answer, the body guard's included."""
+    app.add_middleware(ErrorMiddleware)
+    if settings.cors_origins:  # CORS stays off (no headers at all) unless origins are configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID"],
+        )
+    budget = UploadBudget(settings.upload_budget_bytes)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.request_body_timeout_s,
+        budget=budget,
+        metrics=metrics,
+    )
+    app.add_middleware(RequestId)
+    app.add_middleware(RequestMetrics, metrics=metrics)
 
 
 @contextlib.asynccontextmanager
@@ -76,14 +105,30 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitserve-decode")
     app.state.decode_pool = pool
     loader = asyncio.create_task(repository.load_all(), name="vitserve-load")
+    metrics_server = _start_metrics_server(app)
     try:
         yield
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
         logger.info("shutting down: draining model queues")
         repository.stop_loading()
         await _stop_loading(loader)
         await repository.close(settings.shutdown_timeout_s)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_metrics_server(app: FastAPI) -> WSGIServer | None:
+    """With --metrics-port: /metrics on its own listener (a thread), so the API port can be public."""
+    settings: Settings = app.state.settings
+    if settings.metrics_port is None:
+        return None
+    registry = app.state.metrics.registry
+    server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    app.state.metrics_port = server.server_port
+    logger.info("metrics on http://%s:%d/metrics", settings.host, server.server_port)
+    return server
 
 
 async def _stop_loading(loader: asyncio.Task) -> None:

@@ -71,6 +71,13 @@ class ForbiddenError(ServerError):
     detail = "forbidden"
 
 
+class RequestTimeoutError(ServerError):
+    """The client did not send its request body within the body timeout."""
+
+    status = 408
+    detail = "the request body did not arrive in time"
+
+
 class ModelNotFoundError(ServerError):
     status = 404
     detail = "no such model"
@@ -115,6 +122,13 @@ class ModelNotReadyError(UnavailableError):
 
 class QueueFullError(UnavailableError):
     detail = "queue full: too many requests for this model, retry later"
+    retry_after_s = 1
+
+
+class UploadBudgetError(UnavailableError):
+    """Request bodies in flight already hold the server's whole upload budget."""
+
+    detail = "too many uploads in progress, retry later"
     retry_after_s = 1
 
 

@@ -29,7 +29,12 @@ from server.model_config import Preprocess
 
 Image.init()  # register every plugin once, so the allow-list below can name them
 ALLOWED_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF") if f in Image.OPEN)
-"""Pillow plugins that may open an upload (MPO: multi-picture JPEG, as many cameras write)."""
+"""Pillow plugins that may open an upload by default (MPO: multi-picture JPEG, as many cameras write)."""
+_PLUGINS = {"JPEG": ("JPEG", "MPO")}
+MAX_JPEG_SCANS = 128
+"""More start-of-scan markers than this is refused: a progressive JPEG has about 10, and each scan
+costs a pass over every coefficient, so thousands of them turn a small file into minutes of CPU."""
+_TEXT_MEMORY = 1 << 20  # PNG text chunks are never used: 1 MiB of them per image at most
 
 _FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -49,6 +54,29 @@ class DecodeLimits:
 
     max_pixels: int = 50_000_000
     formats: tuple[str, ...] = ALLOWED_FORMATS
+
+
+def pillow_formats(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Pillow plugin names for the settings' `image_formats` (JPEG includes MPO)."""
+    plugins = [p for name in names for p in _PLUGINS.get(name, (name,))]
+    return tuple(p for p in dict.fromkeys(plugins) if p in Image.OPEN)
+
+
+def harden_pillow(max_pixels: int) -> None:
+    """Process-wide Pillow limits (`python -m server` sets them): its bomb check at our pixel limit,
+    small PNG text budgets.
+
+    `decode_image` checks the pixel limit itself, whatever these globals say; Pillow's own check
+    (a warning above the limit, an error at twice it) then also covers any other `Image.open`.
+    """
+    import warnings
+
+    from PIL import PngImagePlugin
+
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused by our own check
+    PngImagePlugin.MAX_TEXT_MEMORY = min(PngImagePlugin.MAX_TEXT_MEMORY, _TEXT_MEMORY)
+    PngImagePlugin.MAX_TEXT_CHUNK = min(PngImagePlugin.MAX_TEXT_CHUNK, _TEXT_MEMORY)
 
 
 def decode_image(
@@ -81,6 +109,10 @@ def decode_image(
         raise PayloadTooLargeError(
             f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
         )
+    if img.format in ("JPEG", "MPO") and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        # 0xFFDA cannot occur inside entropy-coded data (0xFF is stuffed there), so this counts
+        # scans, plus those of any embedded thumbnail: an over-count, never an under-count.
+        raise InvalidImageError(f"JPEG with more than {MAX_JPEG_SCANS} scans refused")
     try:
         if draft_hw is not None and img.format in ("JPEG", "MPO"):
             _draft(img, draft_hw)

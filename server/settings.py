@@ -17,7 +17,11 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "VITSERVE_"
+KNOWN_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+DEFAULT_IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # TIFF: opt in (large, rarely needed parser)
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token
+MIN_KEY_LENGTH = 16
 
 
 def _cores() -> int:
@@ -81,10 +85,52 @@ class Settings(BaseSettings):
         default_factory=_cores, ge=1, le=256, description="ONNX Runtime threads within one operator."
     )
     inter_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads across operators.")
+    image_formats: Annotated[list[str], NoDecode] = Field(
+        list(DEFAULT_IMAGE_FORMATS),
+        description="Image formats an upload may be, comma-separated, from "
+        f"{','.join(KNOWN_IMAGE_FORMATS)} (JPEG includes MPO); anything else is refused (400).",
+    )
+    request_head_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a client may take to send a request line and headers (then 408)."
+    )
+    request_body_timeout_s: float = Field(
+        60.0, gt=0, description="Longest a client may take to send a request body (then 408)."
+    )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request line plus headers (431 above)."
+    )
+    upload_budget_bytes: int = Field(
+        256 * 2**20,
+        ge=1024,
+        description="Request-body bytes all requests together may hold at once (503 + Retry-After above).",
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections and requests at once; beyond it new requests get 503."
+    )
+    keep_alive_timeout_s: int = Field(
+        5, ge=1, description="Idle seconds before a keep-alive connection closes."
+    )
     admin_api_key: SecretStr | None = Field(
         None,
         description="Bearer key for /models/{name}/load and /unload; unset: those are disabled (403). "
         "Prefer the environment variable: flags show in the process list.",
+    )
+    inference_api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key required for /classify, /models and /v2 (not health); unset: open. "
+        "The admin key is accepted too.",
+    )
+    metrics_api_key: SecretStr | None = Field(
+        None, description="Bearer key required for /metrics; unset: open (or use --metrics-port)."
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /metrics on this port (same host) instead of on the API port.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        [], description="Origins allowed to call the API from a browser, comma-separated; unset: CORS off."
     )
     shutdown_timeout_s: float = Field(
         30.0, gt=0, description="On SIGTERM, how long queued and running requests get to finish."
@@ -94,11 +140,32 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "image_formats", "cors_origins", mode="before")
     @classmethod
     def _split_providers(cls, value: Any) -> Any:
         if isinstance(value, str):
-            value = [p.strip() for p in value.split(",")]
+            value = [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _check_formats(cls, value: list[str]) -> list[str]:
+        value = [f.upper() for f in value]
+        unknown = sorted(set(value) - set(KNOWN_IMAGE_FORMATS))
+        if unknown or not value:
+            raise ValueError(
+                f"choose image formats from {','.join(KNOWN_IMAGE_FORMATS)} (got {unknown or 'none'})"
+            )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        bad = [o for o in value if o != "*" and not re.fullmatch(r"https?://[^/\s]+", o)]
+        if bad:
+            raise ValueError(
+                f"an origin is scheme://host[:port] with no path, e.g. https://app.example.com ({bad})"
+            )
         return value
 
     @field_validator("providers")
@@ -130,11 +197,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is a file; point it at the model repository directory")
         return value
 
-    @field_validator("admin_api_key")
+    @field_validator("admin_api_key", "inference_api_key", "metrics_api_key")
     @classmethod
     def _check_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
+        if value is not None and len(value.get_secret_value()) < MIN_KEY_LENGTH:
             raise ValueError("use an API key of at least 16 characters (e.g. `openssl rand -hex 32`)")
+        if value is not None and not BEARER_TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError(
+                "an API key may hold only letters, digits and -._~+/ (e.g. `openssl rand -hex 32`)"
+            )
         return value
 
     @classmethod
@@ -152,7 +223,7 @@ def _show_default(name: str) -> str:
     field = Settings.model_fields[name]
     value = field.get_default(call_default_factory=True)
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(value) or "none"
     return "unset" if value is None else str(value)
 
 

@@ -15,19 +15,20 @@ from pydantic import BaseModel, Field
 from server.errors import InvalidResolutionError, ServerError
 from server.metrics import Metrics
 from server.postprocess import top_k
-from server.preprocess import DecodeLimits, prepare
+from server.preprocess import DecodeLimits, pillow_formats, prepare
 from server.repository import ModelVersion, gather_cancelling
 from server.routes.deps import (
     AppMetrics,
     AppSettings,
     DecodePool,
+    InferenceOnly,
     Repository,
     label_model,
     until_disconnected,
 )
 from server.routes.uploads import UPLOAD_OPENAPI, UploadLimits, read_images
 
-router = APIRouter(tags=["classification"])
+router = APIRouter(tags=["classification"], dependencies=[InferenceOnly])
 
 _RESOLUTION = re.compile(r"^(\d{1,5})(?:[xX](\d{1,5}))?$")
 
@@ -68,6 +69,9 @@ def parse_resolution(text: str) -> tuple[int, int]:
     openapi_extra=UPLOAD_OPENAPI,
     responses={
         400: {"description": "Bad image, parameter or resolution (the detail names the rule)"},
+        401: {"description": "Missing or malformed API key (only when an inference key is set)"},
+        403: {"description": "Wrong API key"},
+        408: {"description": "The body did not arrive in time"},
         404: {"description": "Unknown model or version"},
         413: {"description": "Body, image or image count over a limit"},
         415: {"description": "Neither multipart/form-data nor image/*"},
@@ -102,9 +106,10 @@ async def classify(
     label_model(request, repository, model)
     mv = repository.get(model, version)
     hw = mv.check_resolution(parse_resolution(resolution) if resolution else tuple(mv.config.image_size))
-    limits = UploadLimits(settings.max_upload_bytes, settings.max_images_per_request)
+    formats = tuple(settings.image_formats)
+    limits = UploadLimits(settings.max_upload_bytes, settings.max_images_per_request, formats)
     blobs = await read_images(request, limits)
-    decode = DecodeLimits(max_pixels=settings.max_image_pixels)
+    decode = DecodeLimits(max_pixels=settings.max_image_pixels, formats=pillow_formats(formats))
     logits = await until_disconnected(request, _run(mv, blobs, hw, decode, pool, metrics))
     metrics.images.labels(mv.name).inc(len(blobs))
     return ClassifyResponse(

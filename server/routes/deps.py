@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable
 from concurrent.futures import Executor
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
-from server.errors import ClientClosedError, ForbiddenError, UnauthorizedError
+from server.auth import check_key
+from server.errors import ClientClosedError
 from server.metrics import UNKNOWN_MODEL, Metrics
 from server.repository import ModelRepository
 from server.settings import Settings
@@ -41,22 +41,29 @@ DecodePool = Annotated[Executor, Depends(get_decode_pool)]
 
 
 def require_admin(request: Request, settings: AppSettings) -> None:
-    """Guard for state-changing endpoints: `Authorization: Bearer <admin key>`.
+    """Guard for state-changing endpoints: `Authorization: Bearer <admin key>` (rules: `server.auth`).
 
-    No key configured: the endpoints are disabled (403). Missing or wrong key: 401.
+    No key configured: the endpoints are disabled (403). Missing or malformed: 401; wrong key: 403.
     """
-    key = settings.admin_api_key
-    if key is None:
-        raise ForbiddenError("management endpoints are disabled; set VITSERVE_ADMIN_API_KEY to enable them")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    expected = key.get_secret_value().encode()
-    # Compare in constant time, and compare even for a wrong scheme so timing says nothing.
-    matches = hmac.compare_digest(token.strip().encode(), expected)
-    if scheme.lower() != "bearer" or not matches:
-        raise UnauthorizedError()
+    disabled = "management endpoints are disabled; set VITSERVE_ADMIN_API_KEY to enable them"
+    check_key(request, [settings.admin_api_key], disabled=disabled)
+
+
+def require_inference(request: Request, settings: AppSettings) -> None:
+    """Guard for inference and model metadata: the inference key (or the admin key), when one is set."""
+    if settings.inference_api_key is not None:
+        check_key(request, [settings.inference_api_key, settings.admin_api_key])
+
+
+def require_metrics(request: Request, settings: AppSettings) -> None:
+    """Guard for /metrics: the metrics key (or the admin key), when one is set."""
+    if settings.metrics_api_key is not None:
+        check_key(request, [settings.metrics_api_key, settings.admin_api_key])
 
 
 AdminOnly = Depends(require_admin)
+InferenceOnly = Depends(require_inference)
+MetricsOnly = Depends(require_metrics)
 
 
 def label_model(request: Request, repository: ModelRepository, name: str | None) -> None:

@@ -9,9 +9,14 @@ from pydantic import BaseModel, Field
 
 from server.model_config import Preprocess
 from server.repository import ModelEntry, ModelRepository, ModelState, ModelVersion
-from server.routes.deps import AdminOnly, Repository, label_model
+from server.routes.deps import AdminOnly, InferenceOnly, Repository, label_model
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+_ADMIN_ERRORS: dict[int | str, dict] = {
+    401: {"description": "Missing or malformed key"},
+    403: {"description": "Wrong key, or no admin key set"},
+}
 
 ModelName = Annotated[str, Path(description="Model name (a directory of the model repository).")]
 
@@ -103,7 +108,7 @@ def _entry(request: Request, repository: ModelRepository, name: str) -> ModelEnt
     return repository.entry(name)
 
 
-@router.get("", response_model=ModelList)
+@router.get("", response_model=ModelList, dependencies=[InferenceOnly])
 async def list_models(repository: Repository) -> ModelList:
     """Every model in the repository with its versions, states, resolutions and batching settings."""
     return ModelList(
@@ -111,7 +116,12 @@ async def list_models(repository: Repository) -> ModelList:
     )
 
 
-@router.get("/{name}", response_model=ModelInfo, responses={404: {"description": "Unknown model"}})
+@router.get(
+    "/{name}",
+    response_model=ModelInfo,
+    dependencies=[InferenceOnly],
+    responses={404: {"description": "Unknown model"}},
+)
 async def get_model(request: Request, repository: Repository, name: ModelName) -> ModelInfo:
     """One model: versions with state (loading / ready / failed with reason), resolutions, batching."""
     return _model_info(_entry(request, repository, name))
@@ -121,7 +131,7 @@ async def get_model(request: Request, repository: Repository, name: ModelName) -
     "/{name}/load",
     response_model=ModelInfo,
     dependencies=[AdminOnly],
-    responses={401: {"description": "Missing or wrong admin key"}, 403: {"description": "No admin key set"}},
+    responses=_ADMIN_ERRORS,
 )
 async def load_model(request: Request, repository: Repository, name: ModelName) -> ModelInfo:
     """Load a model from the repository, or pick up its new versions; serving versions keep serving.
@@ -138,7 +148,7 @@ async def load_model(request: Request, repository: Repository, name: ModelName) 
     "/{name}/unload",
     response_model=ModelInfo,
     dependencies=[AdminOnly],
-    responses={401: {"description": "Missing or wrong admin key"}, 403: {"description": "No admin key set"}},
+    responses=_ADMIN_ERRORS,
 )
 async def unload_model(request: Request, repository: Repository, name: ModelName) -> ModelInfo:
     """Stop serving a model: new requests get 503 at once, admitted ones are answered first."""

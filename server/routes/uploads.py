@@ -2,6 +2,10 @@
 
 Bodies are streamed and counted; going over `max_bytes` stops reading at once (413), so a large
 upload never sits whole in memory. Multipart files spool to disk beyond 1 MiB (Starlette).
+
+The format of an image is read from its bytes, never from a file name or a declared type; a declared
+type is only used to refuse at once (415) what says it is something else (SVG, PDF, TIFF, text...).
+Accepted declarations: none, ``application/octet-stream``, or one of `IMAGE_TYPES`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,16 @@ from server.errors import BadRequestError, ClientClosedError, PayloadTooLargeErr
 IMAGE_FIELD = "image"
 _MAX_OTHER_FIELDS = 16
 _MAX_FIELD_BYTES = 64 * 1024
+IMAGE_TYPES = {
+    "JPEG": ("image/jpeg", "image/jpg", "image/pjpeg"),
+    "PNG": ("image/png", "image/apng"),
+    "WEBP": ("image/webp",),
+    "BMP": ("image/bmp", "image/x-bmp", "image/x-ms-bmp"),
+    "GIF": ("image/gif",),
+    "TIFF": ("image/tiff",),
+}
+"""Declared types that may carry each format (whether an upload is one is decided from its bytes)."""
+_GENERIC_TYPES = ("", "application/octet-stream", "image/*")
 
 UPLOAD_OPENAPI = {
     "requestBody": {
@@ -45,6 +59,11 @@ UPLOAD_OPENAPI = {
 class UploadLimits:
     max_bytes: int
     max_images: int
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF")  # Settings.image_formats
+
+    def accepts(self, media_type: str) -> bool:
+        """Whether a part or body declared as `media_type` may hold an accepted image."""
+        return media_type in _GENERIC_TYPES or any(media_type in IMAGE_TYPES[f] for f in self.formats)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -60,8 +79,9 @@ async def read_images(request: Request, limits: UploadLimits) -> list[bytes]:
         UnsupportedMediaTypeError: Neither multipart/form-data nor image/*.
         BadRequestError: No image in the request, or a malformed multipart body.
     """
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = _media_type(request.headers.get("content-type", ""))
     if ctype.startswith("image/"):
+        _check_declared(ctype, limits)
         body = await read_body(request, limits.max_bytes)
         if not body:
             raise BadRequestError("empty body: send the image bytes with an image/* content type")
@@ -89,16 +109,30 @@ async def _read_multipart(request: Request, limits: UploadLimits) -> list[bytes]
     except MultiPartException as exc:
         if "Too many files" in exc.message:
             raise PayloadTooLargeError(f"too many images: at most {limits.max_images} per request") from exc
+        if "Too many fields" in exc.message:
+            raise PayloadTooLargeError(f"too many form fields: at most {_MAX_OTHER_FIELDS}") from exc
         raise BadRequestError(f"malformed multipart body: {exc.message}") from exc
     try:
         images = []
         for value in form.getlist(IMAGE_FIELD):
             if not isinstance(value, UploadFile):
                 raise BadRequestError("the 'image' field must be a file upload (curl -F image=@photo.jpg)")
+            _check_declared(_media_type(value.content_type or ""), limits)
             images.append(await value.read())
         return images
     finally:
         await form.close()
+
+
+def _media_type(header: str) -> str:
+    return header.split(";")[0].strip().lower()
+
+
+def _check_declared(media_type: str, limits: UploadLimits) -> None:
+    if not limits.accepts(media_type):
+        raise UnsupportedMediaTypeError(
+            f"{media_type} is not an accepted image type; send one of {', '.join(limits.formats)}"
+        )
 
 
 async def _limited(request: Request, max_bytes: int) -> AsyncIterator[bytes]:

@@ -39,6 +39,7 @@ from server.routes.deps import (
     AppMetrics,
     AppSettings,
     DecodePool,
+    InferenceOnly,
     Repository,
     label_model,
     until_disconnected,
@@ -118,6 +119,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": V2Error, "description": text}
     for code, text in [
         (400, "Bad request"),
+        (401, "Missing or malformed API key (only when an inference key is set)"),
+        (403, "Wrong API key"),
+        (408, "The body did not arrive in time"),
         (404, "No such model or version"),
         (413, "Too large"),
         (503, "Not ready, queue full or shutting down"),
@@ -166,8 +170,13 @@ async def server_ready(repository: Repository) -> Response:
     return JSONResponse(Ready(ready=ready).model_dump(), status_code=200 if ready else 400)
 
 
-@router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS)
-@router.get("/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_ERRORS)
+@router.get("/models/{name}", response_model=ModelMetadata, responses=_ERRORS, dependencies=[InferenceOnly])
+@router.get(
+    "/models/{name}/versions/{version}",
+    response_model=ModelMetadata,
+    responses=_ERRORS,
+    dependencies=[InferenceOnly],
+)
 async def model_metadata(
     request: Request, repository: Repository, name: str, version: str | None = None
 ) -> ModelMetadata:
@@ -216,8 +225,15 @@ _INFER_BODY = {
 }
 
 
-@router.post("/models/{name}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY)
-@router.post("/models/{name}/versions/{version}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY)
+@router.post(
+    "/models/{name}/infer", responses=_ERRORS, openapi_extra=_INFER_BODY, dependencies=[InferenceOnly]
+)
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    responses=_ERRORS,
+    openapi_extra=_INFER_BODY,
+    dependencies=[InferenceOnly],
+)
 async def model_infer(
     request: Request,
     repository: Repository,
