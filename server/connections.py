@@ -50,6 +50,7 @@ if HttpToolsProtocol is not None:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._head_bytes = 0
+            self._tail = b""
             self._head_timer: asyncio.TimerHandle | None = None
             self._awaiting_head = True
             super().connection_made(transport)
@@ -63,10 +64,15 @@ if HttpToolsProtocol is not None:
             if self._awaiting_head:
                 if self._head_timer is None:
                     self._arm()
-                self._head_bytes += len(data)
+                # Measure the head before the parser sees it: it ends at the first blank line.
+                seen = self._tail + data
+                end = seen.find(b"\r\n\r\n")
+                self._head_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
+                self._tail = seen[-3:]
+                if self._head_bytes > self.max_head_bytes:
+                    self._refuse(431, f"request line and headers over {self.max_head_bytes} bytes")
+                    return
             super().data_received(data)
-            if self._awaiting_head and self._head_bytes > self.max_head_bytes:
-                self._refuse(431, f"request line and headers over {self.max_head_bytes} bytes")
 
         def on_headers_complete(self) -> None:
             self._awaiting_head = False
@@ -76,7 +82,7 @@ if HttpToolsProtocol is not None:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             # The next request's clock starts at its first byte; until then keep-alive rules.
-            self._awaiting_head, self._head_bytes = True, 0
+            self._awaiting_head, self._head_bytes, self._tail = True, 0, b""
 
         def _arm(self) -> None:
             self._disarm()

@@ -66,7 +66,7 @@ def hardened(repo: Path, **overrides: object) -> contextlib.AbstractContextManag
 
 
 class ServerProcess:
-    """``python -m server`` on a free port; `url` once it has said where it listens."""
+    """``python -m server`` on a free loopback port, its stderr collected in `log`."""
 
     def __init__(self, repo: Path, *args: str, env: dict[str, str] | None = None) -> None:
         full_env = {
@@ -76,33 +76,26 @@ class ServerProcess:
             "VITSERVE_DECODE_THREADS": "2",
             **(env or {}),
         }
-        cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--port", "0", *args]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server", "--model-repo", str(repo), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, env=full_env, stderr=subprocess.PIPE, text=True, bufsize=1)
         self.log: list[str] = []
-        self.port = self._wait_for_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
-
-    def _wait_for_port(self) -> int:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line and self.proc.poll() is not None:
-                break
-            self.log.append(line)
-            match = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", line)
-            if match:
-                return int(match.group(1))
-        self.kill()
-        raise RuntimeError("the server did not start:\n" + "".join(self.log))
 
     def _drain(self) -> None:
         for line in self.proc.stderr:
             self.log.append(line)
 
     def wait_ready(self) -> None:
-        wait_ready(self.url, timeout_s=60)
+        deadline = time.monotonic() + 60
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("the server did not become ready:\n" + "".join(self.log))
 
     @property
     def pid(self) -> int:
@@ -132,6 +125,12 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def raw_exchange(url: str, data: bytes, timeout_s: float = 10.0) -> bytes:
