@@ -17,15 +17,7 @@ from server.metrics import Metrics
 from server.postprocess import top_k
 from server.preprocess import DecodeLimits, pillow_formats, prepare
 from server.repository import ModelVersion, gather_cancelling
-from server.routes.deps import (
-    AppMetrics,
-    AppSettings,
-    DecodePool,
-    InferenceOnly,
-    Repository,
-    label_model,
-    until_disconnected,
-)
+from server.routes.deps import AppServices, InferenceOnly, label_model, until_disconnected
 from server.routes.uploads import UPLOAD_OPENAPI, UploadLimits, read_images
 
 router = APIRouter(tags=["classification"], dependencies=[InferenceOnly])
@@ -81,10 +73,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 )
 async def classify(
     request: Request,
-    repository: Repository,
-    settings: AppSettings,
-    metrics: AppMetrics,
-    pool: DecodePool,
+    services: AppServices,
     model: Annotated[
         str | None, Query(description="Model name; default: the server's default model.")
     ] = None,
@@ -103,14 +92,17 @@ async def classify(
     or one image as the raw body with an `image/*` content type. Images are resized as the model's
     config says; position embeddings are interpolated for the requested grid.
     """
+    repository, settings, metrics = services.repository, services.settings, services.metrics
     label_model(request, repository, model)
-    mv = repository.get(model, version)
-    hw = mv.check_resolution(parse_resolution(resolution) if resolution else tuple(mv.config.image_size))
     formats = tuple(settings.image_formats)
     limits = UploadLimits(settings.max_upload_bytes, settings.max_images_per_request, formats)
+    # The (bounded) body is read before any other answer, so the connection stays usable: an
+    # answer sent before the body was read ends the connection (server.guards).
     blobs = await read_images(request, limits)
+    mv = repository.get(model, version)
+    hw = mv.check_resolution(parse_resolution(resolution) if resolution else tuple(mv.config.image_size))
     decode = DecodeLimits(max_pixels=settings.max_image_pixels, formats=pillow_formats(formats))
-    logits = await until_disconnected(request, _run(mv, blobs, hw, decode, pool, metrics))
+    logits = await until_disconnected(request, _run(mv, blobs, hw, decode, services.decode_pool, metrics))
     metrics.images.labels(mv.name).inc(len(blobs))
     return ClassifyResponse(
         model=mv.name,
