@@ -66,3 +66,9 @@ def test_every_field_has_a_flag_and_a_description() -> None:
     for name, field in Settings.model_fields.items():
         assert name in flags and field.description
         assert f"VITSERVE_{name.upper()}" in flags[name].help
+
+
+def test_the_readme_settings_table_lists_every_setting() -> None:
+    readme = (Path(__file__).parents[3] / "README.md").read_text(encoding="utf-8")
+    for name in Settings.model_fields:
+        assert f"| `--{name.replace('_', '-')}` | `VITSERVE_{name.upper()}` |" in readme, name
