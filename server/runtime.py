@@ -84,14 +84,15 @@ class Session:
             self._session = _open(version_dir / VARIANT_FILES["fp32"], config, options)
             self.providers = self._session.get_providers()
         self._names = _check_io(self._session, config)
-        self._dtype = np.float16 if self._session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        self._pixel_dtype = _input_dtype(self._session, self._names.input)
+        self._matrix_dtype = _input_dtype(self._session, self._names.pos_rows)
         self._matrices: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Logits (N, K) float32 for pixels (N, 3, H, W) float32 at any allowed resolution."""
         rows, cols = self._pos_inputs((pixels.shape[2], pixels.shape[3]))
-        pixels = pixels.astype(self._dtype, copy=False)
+        pixels = pixels.astype(self._pixel_dtype, copy=False)
         if self.on_gpu:
             out = self._run_bound(pixels, rows, cols)
         else:
@@ -118,7 +119,7 @@ class Session:
         if cached is None:
             native, method = self.config.native_grid, self.config.pos_embed_interpolation
             mats = [
-                np.ascontiguousarray(resample_matrix(old, new, method), dtype=self._dtype)
+                np.ascontiguousarray(resample_matrix(old, new, method), dtype=self._matrix_dtype)
                 for old, new in zip(native, grid, strict=True)
             ]
             if self.on_gpu:
@@ -158,6 +159,13 @@ def _check_io(session: ort.InferenceSession, config: ModelConfig) -> _Names:
             f"({io.input}, {io.pos_rows}, {io.pos_cols} -> {io.output})"
         )
     return _Names(io.input, io.pos_rows, io.pos_cols, io.output)
+
+
+def _input_dtype(session: ort.InferenceSession, name: str) -> type[np.floating]:
+    """float16 when the graph takes `name` in half precision (an fp16 graph converted with fp16 I/O)."""
+    args = [*session.get_inputs(), *session.get_overridable_initializers()]
+    kind = next(a.type for a in args if a.name == name)
+    return np.float16 if kind == "tensor(float16)" else np.float32
 
 
 def _open(path: Path, config: ModelConfig, options: RuntimeOptions) -> ort.InferenceSession:

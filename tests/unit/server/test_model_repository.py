@@ -129,3 +129,23 @@ def test_providers_keep_order_and_skip_the_unavailable() -> None:
     assert resolve_providers(["CUDAExecutionProvider", "CPUExecutionProvider"])[-1] == "CPUExecutionProvider"
     with pytest.raises(StartupError, match="VITSERVE_PROVIDERS"):
         resolve_providers(["TensorrtExecutionProvider"])
+
+
+def test_int8_and_fp16_variants(tmp_path: Path) -> None:
+    from server.model_config import Preprocess, Resolutions
+    from tests.conftest import LABELS, build_tiny_vit
+    from training.export import export_to_repository
+
+    model = build_tiny_vit(3)
+    export_to_repository(
+        model, repo=tmp_path, name="q", version=1, labels=LABELS, preprocess=Preprocess(),
+        resolutions=Resolutions(min=16, max=64), fp16=True, int8=True,
+    )  # fmt: skip
+    config = ModelConfig.load(tmp_path / "q")
+    x = np.random.default_rng(1).standard_normal((2, 3, 48, 24)).astype(np.float32)
+    fp32 = Session(tmp_path / "q" / "1", config, RuntimeOptions())
+    int8 = Session(tmp_path / "q" / "1", config, RuntimeOptions(variant="int8"))
+    fp16_on_cpu = Session(tmp_path / "q" / "1", config, RuntimeOptions(variant="fp16"))
+    assert (fp32.variant, int8.variant, fp16_on_cpu.variant) == ("fp32", "int8", "fp32")
+    ref = fp32.run(x)
+    assert np.abs(int8.run(x) - ref).max() < 0.25 * np.abs(ref).max()
