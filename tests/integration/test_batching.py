@@ -59,12 +59,13 @@ def test_a_lone_request_does_not_wait_for_the_queue_delay(start_server) -> None:
     waited = sample(after, "vitserve_queue_wait_seconds_sum", model="tiny") - sample(
         before, "vitserve_queue_wait_seconds_sum", model="tiny"
     )
-    fast = sample(after, "vitserve_queue_wait_seconds_bucket", model="tiny", le="0.01") - sample(
-        before, "vitserve_queue_wait_seconds_bucket", model="tiny", le="0.01"
+    fast = sample(after, "vitserve_queue_wait_seconds_bucket", model="tiny", le="0.1") - sample(
+        before, "vitserve_queue_wait_seconds_bucket", model="tiny", le="0.1"
     )
     assert waits == 3
-    assert fast == 3, "a lone request waited 10 ms or more in the queue"
-    assert waited < 0.03  # against a 1 s max_queue_delay
+    # Against a 1 s max_queue_delay; the slack is for thread wake-up on a busy 2-core machine.
+    assert fast == 3, "a lone request waited 100 ms or more in the queue"
+    assert waited < 0.15
 
 
 def test_images_of_one_request_are_separate_queue_items(start_server) -> None:

@@ -73,7 +73,7 @@ async def test_an_idle_batcher_runs_a_lone_item_at_once() -> None:
     start = time.monotonic()
     await _one(b, 1.0)
     assert time.monotonic() - start < 1.0  # not the 5 s queue delay
-    assert _value(metrics, "vitserve_queue_wait_seconds_sum", model="m") < 0.05
+    assert _value(metrics, "vitserve_queue_wait_seconds_sum", model="m") < 0.5
     await b.drain()
 
 
