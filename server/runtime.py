@@ -191,11 +191,11 @@ def _provider_options(provider: str, config: ModelConfig, options: RuntimeOption
     if provider == "CUDAExecutionProvider":
         # HEURISTIC: a new input shape (resolution, batch size) must not trigger an exhaustive
         # cuDNN benchmark that stalls every request queued behind it.
-        return {
-            "device_id": 0,
+        return {  # values as strings: what every onnxruntime build's option parser accepts
+            "device_id": "0",
             "cudnn_conv_algo_search": "HEURISTIC",
             "arena_extend_strategy": "kSameAsRequested",
-            "do_copy_in_default_stream": True,
+            "do_copy_in_default_stream": "1",
         }
     if provider == "TensorrtExecutionProvider":
         return _tensorrt_options(config, options)
@@ -214,14 +214,14 @@ def _tensorrt_options(config: ModelConfig, options: RuntimeOptions) -> dict[str,
         return f"{io.input}:{batch}x3x{h}x{w},{io.pos_rows}:{h // p}x{g0h},{io.pos_cols}:{w // p}x{g0w}"
 
     opts: dict[str, Any] = {
-        "device_id": 0,
-        "trt_fp16_enable": options.variant in ("auto", "fp16"),
+        "device_id": "0",
+        "trt_fp16_enable": str(options.variant in ("auto", "fp16")),
         "trt_profile_min_shapes": shapes(1, gmin * p, gmin * p),
         "trt_profile_opt_shapes": shapes(n, h0, w0),
         "trt_profile_max_shapes": shapes(n, gmax * p, gmax * p),
     }
     if options.trt_cache_dir is not None:
-        opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(options.trt_cache_dir))
+        opts.update(trt_engine_cache_enable="True", trt_engine_cache_path=str(options.trt_cache_dir))
     return opts
 
 
