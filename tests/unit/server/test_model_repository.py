@@ -149,3 +149,18 @@ def test_int8_and_fp16_variants(tmp_path: Path) -> None:
     assert (fp32.variant, int8.variant, fp16_on_cpu.variant) == ("fp32", "int8", "fp32")
     ref = fp32.run(x)
     assert np.abs(int8.run(x) - ref).max() < 0.25 * np.abs(ref).max()
+
+
+def test_gpu_provider_options(tiny_repo: TinyRepo, tmp_path: Path) -> None:
+    from server.runtime import _provider_options
+
+    config = ModelConfig.load(tiny_repo.path / "tiny")  # patch 8, native 32, sides 16-256
+    options = RuntimeOptions(max_batch_size=16, trt_cache_dir=tmp_path)
+    cuda = _provider_options("CUDAExecutionProvider", config, options)
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    trt = _provider_options("TensorrtExecutionProvider", config, options)
+    assert trt["trt_profile_min_shapes"] == "pixel_values:1x3x16x16,pos_embed_rows:2x4,pos_embed_cols:2x4"
+    assert (
+        trt["trt_profile_max_shapes"] == "pixel_values:16x3x256x256,pos_embed_rows:32x4,pos_embed_cols:32x4"
+    )
+    assert trt["trt_engine_cache_path"] == str(tmp_path) and trt["trt_fp16_enable"] == "True"
