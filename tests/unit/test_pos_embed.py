@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F  # noqa: N812 (PyTorch convention)
+import torch.nn.functional as F
 
 from training.pos_embed import apply_resample, resample_matrices, resample_pos_embed
 
