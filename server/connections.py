@@ -7,7 +7,11 @@ adds both to uvicorn's httptools protocol:
 * the request head (line and headers) must arrive within `request_head_timeout_s` of the connection
   opening or of the first byte of the next request; otherwise 408 and the connection is closed (one
   that sent nothing is just closed);
-* a head over `max_header_bytes` gets 431 and the connection is closed.
+* a head over `max_header_bytes` gets 431 and the connection is closed;
+* a connection closed while the client is still sending its body (an early 413, say) is closed
+  gracefully: the server stops writing, reads and discards for up to `LINGER_S`, then closes. Closing
+  at once would make the kernel reset the connection, and the client would see a reset instead of
+  its answer (the "lingering close" of Apache and nginx).
 
 Together with `server.guards.BodyGuard` (body deadline, size, budget) every connection is answered
 or closed in bounded time, so slow clients cost a socket each for a while, never the event loop.
@@ -29,6 +33,38 @@ except ImportError:  # uvicorn without httptools (not a supported install: uvico
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+LINGER_S = 2.0
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: `close` lingers while a request body is unread."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        cycle = self._protocol.cycle
+        if self.lingering or self._transport.is_closing():
+            return
+        if cycle is None or not cycle.more_body or not self._transport.can_write_eof():
+            self._transport.close()
+            return
+        self.lingering = True
+        self._transport.write_eof()  # the answer is out; the client sees the end of it
+        self._transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        loop.call_later(LINGER_S, self._transport.close)
+
+    def abort_linger(self) -> None:
+        self._transport.close()
 
 
 def _raw_response(status: int, detail: str) -> bytes:
@@ -49,6 +85,8 @@ if HttpToolsProtocol is not None:
         max_head_bytes: int = 64 * 1024
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._lingering = _LingeringTransport(transport, self)
+            transport = self._lingering  # type: ignore[assignment]
             self._head_bytes = 0
             self._tail = b""
             self._head_timer: asyncio.TimerHandle | None = None
@@ -61,6 +99,8 @@ if HttpToolsProtocol is not None:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering.lingering:
+                return  # the rest of a body nobody will read: discarded
             if self._awaiting_head:
                 if self._head_timer is None:
                     self._arm()
@@ -73,6 +113,11 @@ if HttpToolsProtocol is not None:
                     self._refuse(431, f"request line and headers over {self.max_head_bytes} bytes")
                     return
             super().data_received(data)
+
+        def eof_received(self) -> bool | None:
+            if self._lingering.lingering:  # the client has sent everything: close now
+                self._lingering.abort_linger()
+            return super().eof_received()
 
         def on_headers_complete(self) -> None:
             self._awaiting_head = False

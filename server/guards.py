@@ -10,7 +10,8 @@ same rules without knowing them:
 * the bodies being read at once may hold at most the upload budget (503 + ``Retry-After``), which
   bounds the memory uploads take however many clients send at the same time;
 * a response sent before its body was read to the end says ``Connection: close``, so the server
-  never reads the rest (nor mistakes it for the next request).
+  never parses the rest (nor mistakes it for the next request); `server.connections` then closes
+  gracefully, so the client reads its answer instead of a connection reset.
 
 The errors are raised from `receive`, that is inside the route, so the route's own handler renders
 them (``{"detail"}``, or ``{"error"}`` on /v2) and the request metrics label them with the route.
