@@ -93,7 +93,10 @@ async def gather_cancelling(aws: Iterable[Awaitable[np.ndarray]]) -> list[np.nda
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    for t in tasks:  # the first real failure, not the cancellations it caused
-        if not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+    # Retrieve every failure (an unretrieved one is logged again by asyncio, traceback and all), then
+    # raise the first real one, not the cancellations it caused.
+    failures = [t.exception() for t in tasks if not t.cancelled()]
+    first = next((exc for exc in failures if exc is not None), None)
+    if first is not None:
+        raise first
     return [t.result() for t in tasks]
