@@ -8,6 +8,8 @@ adds both to uvicorn's httptools protocol:
   opening or of the first byte of the next request; otherwise 408 and the connection is closed (one
   that sent nothing is just closed);
 * a head over `max_header_bytes` gets 431 and the connection is closed;
+* on SIGTERM, a connection still receiving its request body is dropped at once (uvicorn would
+  wait the whole grace period for it), while requests already received are completed;
 * a connection closed while the client is still sending its body (an early 413, say) is closed
   gracefully: the server stops writing, reads and discards for up to `LINGER_S`, then closes. Closing
   at once would make the kernel reset the connection, and the client would see a reset instead of
@@ -128,6 +130,17 @@ if HttpToolsProtocol is not None:
             super().on_response_complete()
             # The next request's clock starts at its first byte; until then keep-alive rules.
             self._awaiting_head, self._head_bytes, self._tail = True, 0, b""
+
+        def shutdown(self) -> None:
+            """Graceful shutdown (SIGTERM): an upload still arriving is dropped at once, so a stalled
+            client cannot hold the exit; requests received whole are answered as uvicorn does."""
+            cycle = self.cycle
+            if cycle is not None and cycle.more_body and not cycle.response_complete:
+                cycle.disconnected = True  # the app's next receive() is http.disconnect (499)
+                cycle.message_event.set()
+                self._lingering.abort_linger()
+                return
+            super().shutdown()
 
         def _arm(self) -> None:
             self._disarm()

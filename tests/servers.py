@@ -61,8 +61,11 @@ def serve_hardened(settings, ready: bool = True) -> Iterator[LiveServer]:
         sock.close()
 
 
-def hardened(repo: Path, **overrides: object) -> contextlib.AbstractContextManager[LiveServer]:
-    return serve_hardened(make_settings(repo, **overrides))
+def hardened(
+    repo: Path, ready: bool = True, **overrides: object
+) -> contextlib.AbstractContextManager[LiveServer]:
+    """`serve_hardened` over `repo` with `tests.conftest.make_settings` defaults and `overrides`."""
+    return serve_hardened(make_settings(repo, **overrides), ready=ready)
 
 
 class ServerProcess:
