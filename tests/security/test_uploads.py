@@ -312,3 +312,26 @@ def test_a_jpeg_with_thousands_of_scans_is_refused(srv) -> None:
     hostile = plain[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + plain[2:]
     r = _post(srv.url, hostile, "image/jpeg")
     assert r.status_code == 400 and "scans" in r.json()["detail"]
+
+
+def test_the_upload_budget_bounds_bodies_held_at_once(tiny_repo: TinyRepo) -> None:
+    """Two 600 KiB uploads do not fit a 1 MiB budget together: the second waits for nothing, it gets
+    503 + Retry-After at once; once the first is answered its bytes are free again."""
+    with hardened(tiny_repo.path, upload_budget_bytes=MiB, max_upload_bytes=MiB) as srv:
+        first = _raw(srv.url)
+        head = "POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n"
+        first.sendall((head % (600 * 1024)).encode() + b"\0" * 1024)  # holds 600 KiB, still sending
+        time.sleep(0.3)
+        second = httpx.post(
+            f"{srv.url}/classify", content=b"\0" * 600 * 1024, headers={"Content-Type": "image/png"}
+        )
+        assert second.status_code == 503 and second.headers["retry-after"] == "1"
+        assert "uploads in progress" in second.json()["detail"]
+        first.sendall(b"\0" * (599 * 1024))
+        first.settimeout(10)
+        assert first.recv(64).startswith(b"HTTP/1.1 400")  # zeros are not an image; but it was read
+        first.close()
+        third = httpx.post(f"{srv.url}/classify", content=png_bytes(2), headers={"Content-Type": "image/png"})
+        assert third.status_code == 200
+        rejected = sample(scrape(srv.url), "vitserve_rejected_total", reason="upload_budget")
+    assert rejected == 1
