@@ -101,7 +101,7 @@ class Metrics:
         )  # fmt: skip
         self.images = Counter("vitserve_images", "Images classified or inferred.", ["model"], registry=reg)
         self.rejected = Counter(
-            "vitserve_rejected", "Images not run: queue_full, deadline or disconnected.",
+            "vitserve_rejected", "Images not run, by reason (upload_budget counts requests).",
             ["model", "reason"], registry=reg,
         )  # fmt: skip
         gpu = GpuCollector.create()
