@@ -1,11 +1,13 @@
 """`python -m training demo --repo model_repo`: build the bundled demo models (`make demo-model`).
 
-1. pre-train a small ViT on `synthetic` (shapes x textures, 32 classes) at 24 px;
-2. fine-tune it on `digits` at 32 px: a higher resolution, so the position embeddings are
-   interpolated, and a fresh zero-initialised head;
-3. fine-tune the same architecture from scratch with the same recipe and budget (the baseline);
-4. export the fine-tuned model as `vit-demo` and the pre-trained one as `vit-synthetic`;
-5. score `vit-demo`'s exported ONNX graph on the 359 held-out digits, as the server would run it.
+1. pre-train a small ViT (patch 8, width 64, depth 6) on `synthetic` (96 classes: glyphs and
+   shape-textures) at 24 px, i.e. a 3x3 token grid;
+2. fine-tune it on `digits` at 32 px (4x4 grid): a higher resolution, so the position embeddings are
+   interpolated, and a fresh zero-initialised linear head; the paper's SGD recipe;
+3. train the same architecture on digits from scratch, same epochs and data, AdamW (its best recipe);
+4. score the fine-tuned model on the held-out digits at 24-48 px, and record those as validated;
+5. export the fine-tuned model as `vit-demo` (+ fp16 and int8 variants) and the pre-trained one as
+   `vit-synthetic`, and score `vit-demo`'s ONNX graph on the 359 held-out digits as the server runs it.
 
 Runs live in `--work` and resume where they stopped, so an interrupted demo continues when run again.
 Accuracies, times and images/s go to `REPO/demo_results.json`.
@@ -18,30 +20,30 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
 from server.model_config import Resolutions
+from training import distributed
+from training.data import DigitImages
 from training.errors import UserError
 from training.evaluate import OnnxClassifier, find_onnx, score_onnx
 from training.jobs import finetune_job, pretrain_job, setup_logging
 from training.model_io import load_model
 from training.run_config import RunConfig
-from training.train import RunSummary, fit
+from training.train import RunSummary, evaluate_model, fit
 
 log = logging.getLogger(__name__)
 RESULTS = "demo_results.json"
 
+ARCH = dict(patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0)
 PRETRAIN = RunConfig(
     data="synthetic",
-    synthetic_classes=32,
+    synthetic_classes=96,
     synthetic_size=8192,
     image_size=(24, 24),
-    patch_size=4,
-    embed_dim=64,
-    depth=6,
-    num_heads=4,
-    mlp_ratio=2.0,
+    **ARCH,
     optimizer="adamw",
     lr=2e-3,
     weight_decay=0.1,
@@ -49,12 +51,13 @@ PRETRAIN = RunConfig(
     clip_grad=1.0,
     warmup_fraction=0.05,
     schedule="cosine",
-    epochs=10,
+    epochs=30,
     batch_size=128,
-    hflip=True,
-    crop_scale=(0.5, 1.0),
-    eval_every=5,
+    hflip=False,
+    crop_scale=(0.6, 1.0),
+    eval_every=10,
 )
+# The paper's fine-tuning recipe: SGD, momentum 0.9, cosine, clipping at 1, no weight decay.
 FINETUNE = RunConfig(
     data="digits",
     image_size=(32, 32),
@@ -66,18 +69,17 @@ FINETUNE = RunConfig(
     clip_grad=1.0,
     warmup_fraction=0.05,
     schedule="cosine",
-    epochs=30,
+    epochs=40,
     batch_size=64,
     hflip=False,
     crop_scale=(0.6, 1.0),
     rotate=10.0,
-    patch_size=4,
-    embed_dim=64,
-    depth=6,
-    num_heads=4,
-    mlp_ratio=2.0,
+    **ARCH,
 )
+# The baseline gets its own best recipe (AdamW beats SGD from scratch) and the same epochs and data.
+SCRATCH = FINETUNE.replace(optimizer="adamw", lr=1e-3, weight_decay=0.05)
 QUICK = dict(synthetic_size=256, epochs=1, batch_size=32, embed_dim=32, depth=2, num_heads=2)
+QUICK_FINETUNE = {k: v for k, v in QUICK.items() if k != "synthetic_size"}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -86,32 +88,34 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     parser.add_argument("--no-variants", action="store_true", help="skip the fp16 / int8 ONNX variants")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one epoch: a smoke test")
+    parser.add_argument("--fresh", action="store_true", help="delete --work first instead of resuming it")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
 
 
-def recipes(args: argparse.Namespace) -> tuple[RunConfig, RunConfig]:
-    pre, fine = PRETRAIN, FINETUNE
-    if args.quick:
-        pre = pre.replace(**QUICK)
-        fine = fine.replace(**{k: v for k, v in QUICK.items() if k != "synthetic_size"})
-    common = dict(resume="auto", progress=args.progress)
-    return pre.replace(out=str(args.work / "pretrain"), **common), fine.replace(**common)
+def recipes(args: argparse.Namespace) -> tuple[RunConfig, RunConfig, RunConfig]:
+    """(pre-training, fine-tuning, from-scratch) run configs, in their run folders under --work."""
+    out = {}
+    for name, cfg in (("pretrain", PRETRAIN), ("finetune", FINETUNE), ("scratch", SCRATCH)):
+        if args.quick:
+            cfg = cfg.replace(**QUICK) if name == "pretrain" else cfg.replace(**QUICK_FINETUNE)
+        out[name] = cfg.replace(out=str(args.work / name), resume="auto", progress=args.progress)
+    return out["pretrain"], out["finetune"], out["scratch"]
 
 
-def timed(label: str, times: dict, fn, *a):
+def timed(label: str, times: dict, fn, *args):
     start = time.perf_counter()
-    result = fn(*a)
+    result = fn(*args)
     times[label] = round(time.perf_counter() - start, 1)
     return result
 
 
-def export(ckpt: Path, repo: Path, name: str, variants: bool, source: str):
+def export(ckpt: Path, repo: Path, name: str, *, variants: bool, source: str, validated: list) -> None:
+    """Publish a checkpoint as `repo/name/1` (replacing an earlier demo build)."""
     from training.export import export_to_repository
 
     model, labels, preprocess, _ = load_model(ckpt)
-    patch = model.cfg.token_stride
-    side = max(model.cfg.image_size)
-    res = Resolutions(min=patch * 2, max=side * 2, validated=[tuple(model.cfg.image_size)])
+    patch, side = model.cfg.token_stride, max(model.cfg.image_size)
+    res = Resolutions(min=patch * 2, max=side * 2, validated=validated)
     report = export_to_repository(
         model,
         repo=repo,
@@ -127,7 +131,17 @@ def export(ckpt: Path, repo: Path, name: str, variants: bool, source: str):
     )
     for line in report.summary_lines():
         log.info("%s", line)
-    return report
+
+
+def resolution_sweep(ckpt: Path, sides: tuple[int, ...]) -> dict[str, float]:
+    """Held-out top-1 of the fine-tuned checkpoint at other resolutions (reported, never used to choose)."""
+    model, _, preprocess, _ = load_model(ckpt)
+    placement = distributed.start("cpu")
+    test = DigitImages("test")
+    return {
+        f"{s}x{s}": evaluate_model(model, test, (s, s), preprocess, placement=placement)["top1"]
+        for s in sides
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,50 +149,55 @@ def run(args: argparse.Namespace) -> int:
     if os.environ.get("WORLD_SIZE", "1") != "1":
         raise UserError("the demo runs in one process; use pretrain/finetune under torchrun")
     started = time.perf_counter()
-    pre_cfg, fine_cfg = recipes(args)
+    if args.fresh and args.work.exists():
+        shutil.rmtree(args.work)
+    pre_cfg, fine_cfg, scratch_cfg = recipes(args)
     times: dict[str, float] = {}
     runs: dict[str, RunSummary] = {}
     runs["pretrain"] = timed("pretrain", times, lambda: fit(pretrain_job(pre_cfg, frozenset())))
-    pre_ckpt = Path(runs["pretrain"].checkpoint)
-    tuned = fine_cfg.replace(out=str(args.work / "finetune"), source=str(pre_ckpt))
-    runs["finetune"] = timed("finetune", times, lambda: fit(finetune_job(tuned, frozenset({"image_size"}))))
+    fine_cfg = fine_cfg.replace(source=runs["pretrain"].checkpoint)
+    runs["finetune"] = timed(
+        "finetune", times, lambda: fit(finetune_job(fine_cfg, frozenset({"image_size"})))
+    )
     if not args.no_scratch:
-        scratch = fine_cfg.replace(out=str(args.work / "scratch"), source="")
-        runs["scratch"] = timed("scratch", times, lambda: fit(finetune_job(scratch, frozenset())))
-    variants = not args.no_variants
+        runs["scratch"] = timed("scratch", times, lambda: fit(finetune_job(scratch_cfg, frozenset())))
+    fine_ckpt, side = Path(runs["finetune"].checkpoint), fine_cfg.image_size[0]
+    sweep = timed("sweep", times, resolution_sweep, fine_ckpt, (side - 8, side, side + 8, side + 16))
+    validated = [tuple(int(v) for v in k.split("x")) for k in sweep]
     timed(
         "export",
         times,
-        export,
-        Path(runs["finetune"].checkpoint),
-        args.repo,
-        "vit-demo",
-        variants,
-        "python -m training demo: pre-trained on synthetic, fine-tuned on digits",
+        lambda: export(
+            fine_ckpt,
+            args.repo,
+            "vit-demo",
+            variants=not args.no_variants,
+            validated=validated,
+            source="python -m training demo: pre-trained on synthetic (24 px), fine-tuned on digits (32 px)",
+        ),
     )
     timed(
         "export_synthetic",
         times,
-        export,
-        pre_ckpt,
-        args.repo,
-        "vit-synthetic",
-        False,
-        "python -m training demo: pre-trained on synthetic (the pre-training task itself)",
+        lambda: export(
+            Path(runs["pretrain"].checkpoint),
+            args.repo,
+            "vit-synthetic",
+            variants=False,
+            validated=[tuple(pre_cfg.image_size)],
+            source="python -m training demo: the synthetic pre-training task",
+        ),
     )
     clf = OnnxClassifier(*find_onnx(args.repo / "vit-demo", 1, "fp32"))
-    from training.data import DigitImages
-
     onnx_eval = score_onnx(clf, DigitImages("test"), tuple(clf.config.image_size), 128)
-    results = summarise(args, runs, times, onnx_eval, time.perf_counter() - started, pre_cfg, tuned)
+    recipe = {"pretrain": pre_cfg, "finetune": fine_cfg, "scratch": scratch_cfg}
+    results = summarise(args, runs, times, onnx_eval, sweep, time.perf_counter() - started, recipe)
     (args.repo / RESULTS).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     report(results)
     return 0
 
 
-def summarise(
-    args, runs: dict[str, RunSummary], times: dict, onnx_eval: dict, wall: float, pre, fine
-) -> dict:
+def summarise(args, runs: dict, times: dict, onnx_eval: dict, sweep: dict, wall: float, recipe: dict) -> dict:
     def top1(name: str) -> float | None:
         return runs[name].eval["top1"] if name in runs and runs[name].eval else None
 
@@ -188,12 +207,13 @@ def summarise(
         "top1_pretrained": top1("finetune"),
         "top1_scratch": top1("scratch"),
         "top1_onnx_fp32": onnx_eval["top1"],
+        "top1_by_resolution": sweep,
         "pretrain_val_top1": top1("pretrain"),
         "wall_seconds": round(wall, 1),
         "phase_seconds": times,
         "images_per_s": {name: r.images_per_s for name, r in runs.items()},
         "steps": {name: r.steps for name, r in runs.items()},
-        "recipe": {"pretrain": diff_from_defaults(pre), "finetune": diff_from_defaults(fine)},
+        "recipe": {name: diff_from_defaults(cfg) for name, cfg in recipe.items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": load},
         "quick": args.quick,
     }

@@ -44,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--holdout-fraction", type=float, default=0.0, help="as in training, for split 'holdout'"
     )
-    parser.add_argument("--synthetic-classes", type=int, default=32)
+    parser.add_argument("--synthetic-classes", type=int, default=96)
     parser.add_argument("--synthetic-size", type=int, default=8192)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="checkpoints: auto, cpu or cuda")

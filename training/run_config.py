@@ -30,7 +30,7 @@ class RunConfig:
     train_split: str = _opt("train", "split to train on")
     eval_split: str = _opt("auto", "split to evaluate on ('auto': test for digits, val otherwise; '' none)")
     holdout_fraction: float = _opt(0.0, "hold out this fraction of the training split as split 'holdout'")
-    synthetic_classes: int = _opt(32, "number of classes of the synthetic data set (2-32)")
+    synthetic_classes: int = _opt(96, "classes of the synthetic data set (2-96: glyphs and shape-textures)")
     synthetic_size: int = _opt(8192, "training images of the synthetic data set (val: a quarter)")
     data_seed: int = _opt(0, "seed of the synthetic data set")
     image_size: tuple[int, int] = _opt((32, 32), "training resolution: 48 or HxW (48x32)")

@@ -22,6 +22,18 @@ CHECKPOINT = "checkpoint.pt"
 CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+# Settings that change how a run executes, not what it computes: they may differ on resume.
+FREE_ON_RESUME = {
+    "out",
+    "resume",
+    "progress",
+    "workers",
+    "threads",
+    "device",
+    "eval_every",
+    "ckpt_every",
+    "compile",
+}
 ARCH_KEYS = (
     "image_size",
     "patch_size",
@@ -77,8 +89,8 @@ def find_resume(out: Path, resume: str) -> Path | None:
     return Path(resume)
 
 
-def load_resume(path: Path, model_cfg: dict) -> dict:
-    """Read a run checkpoint and check that it belongs to this architecture."""
+def load_resume(path: Path, model_cfg: dict, run_cfg: dict) -> dict:
+    """Read a run checkpoint and check that it belongs to this architecture and this recipe."""
     ckpt = read_checkpoint(path)
     if "optimizer" not in ckpt or "step" not in ckpt:
         raise UserError(f"{path}: a model checkpoint without training state cannot be resumed")
@@ -88,7 +100,22 @@ def load_resume(path: Path, model_cfg: dict) -> dict:
     ]
     if diffs:
         raise UserError(f"{path}: checkpoint is for another architecture ({'; '.join(diffs)})")
+    saved = ckpt.get("run_config", {})
+    changed = [
+        f"{k} {_show(saved.get(k))} vs {_show(v)}"
+        for k, v in run_cfg.items()
+        if k not in FREE_ON_RESUME and _show(saved.get(k)) != _show(v)
+    ]
+    if changed:
+        raise UserError(
+            f"{path}: the run was started with other settings ({'; '.join(changed[:4])}); resuming would not "
+            "continue it exactly: use the same settings, or a new --out"
+        )
     return ckpt
+
+
+def _show(value: object) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
 class MetricsLog:

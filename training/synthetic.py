@@ -1,9 +1,14 @@
 """A procedurally generated image set to pre-train on when no large data set is at hand.
 
-Each class is a (shape, texture) pair: 8 shapes x 4 textures = 32 classes. Everything else is nuisance
-the model must learn to ignore: position, size, rotation, stroke width, foreground and background
-colours, and background noise. Image `i` of a split is a pure function of (seed, split, i), so the set is
-deterministic, needs no disk, and any worker can draw any image.
+96 classes of two kinds. 64 *glyphs*: each a fixed random polyline, drawn with a random affine warp,
+jitter and stroke width, like a handwritten character in an unknown alphabet. 32 *shape-texture* pairs:
+8 shapes (disk, ring, square, frame, triangle, cross, diamond, bar) x 4 textures (solid, horizontal or
+vertical stripes, checker). Everything else is nuisance the model must learn to ignore: position, size,
+rotation, stroke width, colours (a bright foreground of random hue on a dark background, the polarity
+of the digits) and background noise.
+
+Image `i` of a split is a pure function of (seed, split, i), so the set is deterministic, needs no
+disk, and any worker can draw any image.
 """
 
 from __future__ import annotations
@@ -19,13 +24,28 @@ SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges at small sizes
 
 
+GLYPHS = 64  # stroke classes: a fixed random polyline each, drawn like a handwritten character
+
+
+def _all_names() -> list[str]:
+    """Glyphs and shape-texture classes interleaved 2:1, so any prefix holds both kinds."""
+    shapes = [f"{shape}-{texture}" for texture in TEXTURES for shape in SHAPES]
+    glyphs = [f"glyph-{i:02d}" for i in range(GLYPHS)]
+    names = []
+    while shapes or glyphs:
+        names += glyphs[:2] + shapes[:1]
+        glyphs, shapes = glyphs[2:], shapes[1:]
+    return names
+
+
+ALL_NAMES = _all_names()
+
+
 def class_names(num_classes: int) -> list[str]:
-    """The first `num_classes` labels; every shape appears before any shape repeats with a new texture."""
-    limit = len(SHAPES) * len(TEXTURES)
-    if not 2 <= num_classes <= limit:
-        raise ValueError(f"synthetic data has 2 to {limit} classes, got {num_classes}")
-    names = [f"{shape}-{texture}" for texture in TEXTURES for shape in SHAPES]
-    return names[:num_classes]
+    """The first `num_classes` labels (of 96: 64 glyphs and 32 shape-texture pairs)."""
+    if not 2 <= num_classes <= len(ALL_NAMES):
+        raise ValueError(f"synthetic data has 2 to {len(ALL_NAMES)} classes, got {num_classes}")
+    return ALL_NAMES[:num_classes]
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -80,20 +100,46 @@ def _texture(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Foreground and background RGB colours that differ clearly in brightness."""
-    fg = rng.uniform(0, 255, size=3)
-    bg = rng.uniform(0, 255, size=3)
-    if abs(fg.mean() - bg.mean()) < 60:
-        bg = np.clip(255 - fg + rng.uniform(-30, 30, size=3), 0, 255)
+    """A bright foreground on a dark background (as in digits), each of a random hue."""
+    fg = rng.uniform(150, 255, size=3)
+    bg = rng.uniform(0, 100, size=3)
     return fg, bg
 
 
+def glyph_prototype(glyph: int) -> list[tuple[float, float]]:
+    """The class's polyline in the unit square: 3-6 points, fixed by the glyph number alone."""
+    rng = np.random.default_rng([7919, glyph])
+    points = rng.uniform(0.12, 0.88, size=(int(rng.integers(3, 6)), 2))
+    return [tuple(p) for p in points]
+
+
+def _glyph_mask(glyph: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """The glyph's strokes after a random affine warp and per-point jitter, as an 'L' mask."""
+    pts = np.asarray(glyph_prototype(glyph)) - 0.5
+    angle, scale = rng.uniform(-0.15, 0.15), rng.uniform(0.8, 1.05)
+    shear = rng.uniform(-0.1, 0.1)
+    warp = scale * np.array([[math.cos(angle), -math.sin(angle) + shear], [math.sin(angle), math.cos(angle)]])
+    pts = pts @ warp.T + rng.normal(0, 0.015, size=pts.shape) + 0.5 + rng.uniform(-0.06, 0.06, size=2)
+    pts = [(float(x) * size, float(y) * size) for x, y in pts]
+    width = max(2, round(size * rng.uniform(0.07, 0.13)))
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    draw.line(pts, fill=255, width=width, joint="curve")
+    for x, y in (pts[0], pts[-1]):  # round stroke ends
+        draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
+    return mask
+
+
 def render(class_index: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one RGB image of class `class_index` (an index into `class_names(32)`)."""
-    shape = SHAPES[class_index % len(SHAPES)]
-    texture = TEXTURES[class_index // len(SHAPES)]
+    """Draw one RGB image of class `class_index` (an index into `class_names(96)`)."""
+    name = ALL_NAMES[class_index]
     big = size * SUPERSAMPLE
-    inside = np.asarray(_mask(shape, big, rng), dtype=np.float32)[..., None] / 255.0  # (S, S, 1)
+    if name.startswith("glyph-"):
+        mask, texture = _glyph_mask(int(name[6:]), big, rng), "solid"
+    else:
+        shape, texture = name.split("-")
+        mask = _mask(shape, big, rng)
+    inside = np.asarray(mask, dtype=np.float32)[..., None] / 255.0  # (S, S, 1)
     pattern = _texture(texture, big, rng)[..., None]
     fg, bg = _colours(rng)
     stripe = bg * 0.35 + fg * 0.65 if texture != "solid" else fg

@@ -237,7 +237,7 @@ class Loop:
             run_state.save_atomic(self.payload(finished), self.out / run_state.CHECKPOINT)
 
     def restore(self, path: Path) -> None:
-        ckpt = run_state.load_resume(path, self.raw.cfg.to_dict())
+        ckpt = run_state.load_resume(path, self.raw.cfg.to_dict(), self.cfg.to_dict())
         self.raw.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["scheduler"])

@@ -54,12 +54,13 @@ def test_synthetic_is_deterministic_by_seed():
         assert not np.array_equal(np.asarray(a.load(i)[0]), np.asarray(val.load(i)[0]))
     assert a.load(5)[0].size == (24, 24) and a.load(5)[0].mode == "RGB"
     assert sorted(set(a.targets())) == list(range(12)) and a.labels == class_names(12)
-    assert len(set(class_names(32))) == 32
+    assert len(set(class_names(96))) == 96
+    assert {n.split("-")[0] for n in class_names(6)} >= {"glyph", "disk"}  # any prefix mixes both kinds
 
 
 def test_synthetic_class_count_bounds():
-    with pytest.raises(ValueError, match="2 to 32 classes"):
-        class_names(33)
+    with pytest.raises(ValueError, match="2 to 96 classes"):
+        class_names(97)
 
 
 def _write_folder(root, broken: bool = True):

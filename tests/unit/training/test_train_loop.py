@@ -99,11 +99,17 @@ def test_interrupted_run_resumes_to_the_same_loss_curve(tmp_path, accum):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_refuses_another_architecture(tmp_path):
+def test_resume_refuses_another_architecture_or_recipe(tmp_path):
     fit(pretrain_job(TINY.replace(out=str(tmp_path), epochs=1), frozenset()))
     wider = TINY.replace(out=str(tmp_path), embed_dim=48, resume="auto")
     with pytest.raises(UserError, match=r"another architecture.*embed_dim 32 vs 48"):
         fit(pretrain_job(wider, frozenset()))
+    longer = TINY.replace(out=str(tmp_path), epochs=3, resume="auto")
+    with pytest.raises(UserError, match=r"started with other settings \(epochs 1 vs 3\)"):
+        fit(pretrain_job(longer, frozenset()))
+    fit(
+        pretrain_job(TINY.replace(out=str(tmp_path), epochs=1, resume="auto", threads=2), frozenset())
+    )  # no-op
 
 
 def test_finetune_new_head_new_resolution_and_bad_checkpoints(tmp_path):
