@@ -52,6 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
         max_queue_delay_s=settings.max_queue_delay_ms / 1e3,
         queue_capacity=settings.queue_capacity,
         timeout_s=settings.request_timeout_s,
+        max_queue_wait_s=None if settings.max_queue_wait_ms is None else settings.max_queue_wait_ms / 1e3,
+        auto_batch_size="max_batch_size" not in settings.model_fields_set,
     )
     repository = ModelRepository(settings.model_repo, options, defaults, metrics, settings.default_model)
     repository.scan()

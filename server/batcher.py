@@ -3,7 +3,8 @@
 Policy (also in the README):
 
 * Admission is all-or-nothing per request and happens before any decoding: if the images a request
-  brings would take the version over `queue_capacity`, it is refused at once (`QueueFullError`, 503).
+  brings would take the version over `queue_capacity`, or the work ahead of them would take longer
+  than the wait bound (`server.admission`), it is refused at once (`QueueFullError`, 503).
 * An idle executor dispatches at once: a lone request never waits for `max_queue_delay`.
 * While a batch runs, new items queue up; when the executor frees, it takes up to `max_batch_size`
   items from the queue whose head is oldest (resolutions share the thread fairly).
@@ -32,6 +33,7 @@ from enum import Enum
 
 import numpy as np
 
+from server.admission import AdmissionControl
 from server.errors import DeadlineExceededError, InferenceFailedError, QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 
@@ -49,6 +51,9 @@ class BatchPolicy:
     max_queue_delay_s: float
     queue_capacity: int
     timeout_s: float
+    max_queue_wait_s: float | None = None  # None: derived (server.admission.WaitBound)
+    auto_batch_size: bool = False  # max_batch_size is a limit; start-up tuning picks below it
+    batch_timings: tuple[tuple[int, float], ...] = ()  # start-up (batch size, seconds per image)
 
 
 class _State(Enum):
@@ -124,8 +129,10 @@ class Batcher:
         policy: BatchPolicy,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        admission: AdmissionControl | None = None,
     ) -> None:
         self.model = model
+        self.admission = admission  # None: admission by count (queue_capacity) only
         self.policy = policy
         self._run = run
         self._metrics = metrics
@@ -158,9 +165,15 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise ShuttingDownError()
-            if self._reserved + self._depth + count > self.policy.queue_capacity:
+            try:
+                if self._reserved + self._depth + count > self.policy.queue_capacity:
+                    raise QueueFullError()
+                if self.admission is not None and (self._reserved or self._depth or self._busy):
+                    ahead = ((k, n + self._live.get(k, 0)) for k, n in self._expected.items())
+                    self.admission.check(hw, ahead)
+            except QueueFullError:
                 self._metrics.rejected.labels(self.model, "queue_full").inc(count)
-                raise QueueFullError()
+                raise
             self._reserved += count
             self._expected[hw] = self._expected.get(hw, 0) + count
         return Admission(self, hw, count, time.monotonic() + self.policy.timeout_s)
@@ -310,9 +323,11 @@ class Batcher:
         return batch
 
     def _execute(self, batch: list[_Item]) -> None:
-        pixels = np.stack([item.pixels for item in batch])  # (N, 3, H, W)
+        # (N, 3, H, W); a lone image is a view, not a copy
+        pixels = batch[0].pixels[None] if len(batch) == 1 else np.stack([item.pixels for item in batch])
         for item in batch:
             item.pixels = None
+        units = self.admission.started(batch[0].hw, len(batch)) if self.admission else 0.0
         start = time.perf_counter()
         logits: np.ndarray | None
         try:
@@ -324,7 +339,10 @@ class Batcher:
                 "inference failed for %s: batch of %d at %dx%d", self.model, len(batch), *pixels.shape[2:]
             )
             logits = None
-        self._metrics.inference.labels(self.model).observe(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if self.admission is not None:
+            self.admission.finished(None if logits is None else elapsed, units)
+        self._metrics.inference.labels(self.model).observe(elapsed)
         self._metrics.batch_size.labels(self.model).observe(len(batch))
         self._call_loop(self._deliver, batch, logits)
 

@@ -96,6 +96,9 @@ class Batching(_Strict):
     max_queue_delay_ms: float | None = Field(default=None, ge=0)
     queue_capacity: int | None = Field(default=None, gt=0)
     timeout_s: float | None = Field(default=None, gt=0)
+    max_queue_wait_ms: float | None = Field(
+        default=None, gt=0, description="Refuse (503) requests whose estimated queue wait is longer."
+    )
 
 
 class OnnxIO(_Strict):

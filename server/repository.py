@@ -23,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
+from server.admission import AdmissionControl, ServiceTime, WaitBound, relative_cost
 from server.batcher import Batcher, BatchPolicy
 from server.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
 from server.metrics import Metrics
@@ -35,6 +38,7 @@ from server.model_config import CONFIG_FILE, ModelConfig
 from server.model_version import ModelState, ModelVersion, gather_cancelling
 from server.runtime import RuntimeOptions, Session
 from server.settings import MODEL_NAME
+from server.tuning import BatchChoice, batch_choice
 
 __all__ = ["ModelEntry", "ModelRepository", "ModelState", "ModelVersion", "gather_cancelling"]
 
@@ -234,9 +238,29 @@ class ModelRepository:
         resolutions = [tuple(mv.config.image_size), *(tuple(hw) for hw in mv.config.resolutions.validated)]
         batch_sizes = (1, mv.policy.max_batch_size) if session.on_gpu else (1,)
         session.warm_up(resolutions, batch_sizes)
-        batcher = Batcher(mv.name, session.run, mv.policy, self.metrics, loop)
+        choice = self._choose_batch(session, mv)
+        timings = tuple((t.batch_size, t.per_image_s) for t in choice.timings)
+        mv.policy = replace(
+            mv.policy,
+            max_batch_size=choice.max_batch_size,
+            auto_batch_size=choice.source == "tuned",
+            batch_timings=timings,
+        )
+        admission = AdmissionControl(
+            ServiceTime(choice.per_image_s or 1e-3),
+            WaitBound(mv.policy.max_queue_wait_s, mv.policy.max_batch_size, mv.policy.timeout_s),
+            partial(relative_cost, mv.config),
+        )
+        batcher = Batcher(mv.name, session.run, mv.policy, self.metrics, loop, admission)
         batcher.start()
         return session, batcher
+
+    def _choose_batch(self, session: Session, mv: ModelVersion) -> BatchChoice:
+        """Time the native resolution at batch sizes up to the limit (CPU, unless configured)."""
+        limit = mv.policy.max_batch_size
+        pixels = np.zeros((limit, 3, *mv.config.image_size), dtype=np.float32)
+        tuned = mv.policy.auto_batch_size and not session.on_gpu  # a GPU gains from every size
+        return batch_choice(lambda n: session.run(pixels[:n]), limit, tuned, f"{mv.name} v{mv.version}")
 
     async def _unload_version(self, mv: ModelVersion, timeout_s: float | None = None) -> None:
         if mv.state is not ModelState.READY:
@@ -279,6 +303,8 @@ class ModelRepository:
             else b.max_queue_delay_ms / 1e3,
             queue_capacity=b.queue_capacity or d.queue_capacity,
             timeout_s=b.timeout_s or d.timeout_s,
+            max_queue_wait_s=d.max_queue_wait_s if b.max_queue_wait_ms is None else b.max_queue_wait_ms / 1e3,
+            auto_batch_size=d.auto_batch_size and b.max_batch_size is None,
         )
 
     def _model_dir(self, name: str) -> Path | None:

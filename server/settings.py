@@ -54,7 +54,12 @@ class Settings(BaseSettings):
         None, description="Model used when a request names none; default: the first name in sorted order."
     )
     max_batch_size: int = Field(
-        32, ge=1, le=4096, description="Default largest batch (per model: config.json)."
+        32,
+        ge=1,
+        le=4096,
+        description="Largest batch (per model: config.json). Unset: each model measures ONNX Runtime "
+        "at batch 1, 2, 4, ... up to this on CPU at start-up and takes the smallest size within 5 percent "
+        "of the best time per image.",
     )
     max_queue_delay_ms: float = Field(
         5.0,
@@ -62,7 +67,16 @@ class Settings(BaseSettings):
         le=60_000,
         description="Longest a partial batch waits for more items while work is in flight.",
     )
-    queue_capacity: int = Field(512, ge=1, description="Images a model version accepts before answering 503.")
+    queue_capacity: int = Field(
+        512, ge=1, description="Images a model version holds at most (queued or decoding); beyond: 503."
+    )
+    max_queue_wait_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Refuse at once (503 + Retry-After) a request whose images would wait longer than "
+        "this, estimated from the measured time per image; unset: 2 full batches' time, 100 ms to "
+        "the request timeout (per model: config.json).",
+    )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline per request; past it in the queue: 504."
     )

@@ -2,9 +2,9 @@
 
 * `tiny_repo` (session): a repository built with `training.export.export_to_repository`:
   ``tiny`` versions 1 and 2 (different weights; 32 px native, patch 8, width 32, depth 2, sides 16-256),
-  ``tiny-strict`` (v1's graph with max_batch_size 1 and queue_capacity 2), ``tiny-slow`` (max_batch_size 1
-  and a 50 ms timeout) and ``tiny-corrupt`` (a model.onnx that is not a graph). ``tiny_repo.models[v]``
-  is the PyTorch model of ``tiny`` version v, for parity checks.
+  ``tiny-strict`` (v1's graph with max_batch_size 1 and queue_capacity 2), ``tiny-slow`` (max_batch_size
+  1, a 50 ms timeout and no wait bound) and ``tiny-corrupt`` (a model.onnx that is not a graph).
+  ``tiny_repo.models[v]`` is the PyTorch model of ``tiny`` version v, for parity checks.
 * `start_server(settings_or_overrides)`: a context manager running the real app on uvicorn in a thread,
   on a free 127.0.0.1 port; yields a `LiveServer` (url, app) once `/readyz` answers 200.
 * `live` (session): one such server over `tiny_repo` with test-friendly defaults, for read-only tests.
@@ -91,7 +91,9 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> TinyRepo:
         )
         repo.models[version] = copy.deepcopy(model)
     _copy_model(repo.path, TINY, "tiny-strict", Batching(max_batch_size=1, queue_capacity=2))
-    _copy_model(repo.path, TINY, "tiny-slow", Batching(max_batch_size=1, timeout_s=0.05))
+    # No wait bound (an hour): its requests must reach the queue, to pass their deadline there.
+    slow = Batching(max_batch_size=1, timeout_s=0.05, max_queue_wait_ms=3_600_000)
+    _copy_model(repo.path, TINY, "tiny-slow", slow)
     _copy_model(repo.path, TINY, "tiny-corrupt", Batching())
     (repo.path / "tiny-corrupt" / "1" / "model.onnx").write_bytes(b"this is not an ONNX graph")
     return repo
@@ -113,13 +115,21 @@ def make_settings(repo: Path, **overrides: object):
 
 
 def wait_ready(url: str, timeout_s: float = 30.0) -> None:
+    """Until /readyz answers 200 and no model version is still loading (so `tiny` serves version 2)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200 and not _loading(url):
                 return
         time.sleep(0.05)
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def _loading(url: str) -> bool:
+    models = httpx.get(f"{url}/models", timeout=2)
+    if models.status_code != 200:  # behind an inference key: readiness alone
+        return False
+    return any(v["state"] == "loading" for m in models.json()["models"] for v in m["versions"])
 
 
 @contextlib.contextmanager

@@ -21,10 +21,28 @@ _ADMIN_ERRORS: dict[int | str, dict] = {
 ModelName = Annotated[str, Path(description="Model name (a directory of the model repository).")]
 
 
+class BatchTiming(BaseModel):
+    batch_size: int
+    ms_per_image: float
+
+
 class BatchingInfo(BaseModel):
     max_batch_size: int
+    max_batch_size_source: str = Field(
+        description="tuned: chosen at start-up from `batch_timings`; configured: a setting or config.json."
+    )
+    batch_timings: list[BatchTiming] = Field(
+        description="ONNX Runtime time per image at the native resolution, measured at start-up."
+    )
     max_queue_delay_ms: float
     queue_capacity: int
+    max_queue_wait_ms: float | None = Field(
+        None, description="Requests whose estimated queue wait is longer are refused (503), now."
+    )
+    max_queue_wait_source: str = Field(description="configured, or derived from the measured time per image.")
+    ms_per_image: float | None = Field(
+        None, description="Measured service time per image at the native resolution (moving average)."
+    )
     timeout_s: float
 
 
@@ -63,8 +81,24 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+def _batching_info(mv: ModelVersion) -> BatchingInfo:
+    policy = mv.policy
+    admission = mv.batcher.admission if mv.batcher else None
+    return BatchingInfo(
+        max_batch_size=policy.max_batch_size,
+        max_batch_size_source="tuned" if policy.auto_batch_size else "configured",
+        batch_timings=[BatchTiming(batch_size=b, ms_per_image=s * 1e3) for b, s in policy.batch_timings],
+        max_queue_delay_ms=policy.max_queue_delay_s * 1e3,
+        queue_capacity=policy.queue_capacity,
+        max_queue_wait_ms=admission.bound.seconds(admission.service) * 1e3 if admission else None,
+        max_queue_wait_source="derived" if policy.max_queue_wait_s is None else "configured",
+        ms_per_image=admission.service.per_image_s * 1e3 if admission else None,
+        timeout_s=policy.timeout_s,
+    )
+
+
 def _version_info(mv: ModelVersion) -> VersionInfo:
-    policy, session = mv.policy, mv.session
+    session = mv.session
     return VersionInfo(
         version=mv.version,
         state=mv.state,
@@ -73,12 +107,7 @@ def _version_info(mv: ModelVersion) -> VersionInfo:
         providers=session.providers if session else [],
         load_seconds=mv.load_seconds,
         queue_depth=mv.batcher.depth if mv.batcher else 0,
-        batching=BatchingInfo(
-            max_batch_size=policy.max_batch_size,
-            max_queue_delay_ms=policy.max_queue_delay_s * 1e3,
-            queue_capacity=policy.queue_capacity,
-            timeout_s=policy.timeout_s,
-        ),
+        batching=_batching_info(mv),
     )
 
 

@@ -84,7 +84,7 @@ def _status(sock: socket.socket) -> int:
 
 
 def test_a_client_that_disconnects_is_dropped_from_the_queue(start_server) -> None:
-    with start_server(max_batch_size=1) as srv:
+    with start_server(max_batch_size=1, max_queue_wait_ms=3_600_000) as srv:  # the queue must fill
         socks = [_raw_post(srv.url, f"/classify?resolution={SLOW}", png_bytes(i)) for i in range(24)]
         deadline = time.monotonic() + 10
         while sample(scrape(srv.url), "vitserve_queue_depth", model="tiny") < 6:

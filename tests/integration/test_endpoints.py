@@ -32,8 +32,16 @@ def test_models_lists_versions_states_and_the_failed_reason(live: LiveServer) ->
         "multiple_of": 8,
         "validated": [[48, 48]],
     }
-    assert tiny["versions"][0]["batching"]["max_batch_size"] == 32
-    assert by_name["tiny-strict"]["versions"][0]["batching"]["queue_capacity"] == 2
+    batching = tiny["versions"][0]["batching"]  # no batch size set: tuned at start-up, up to 32
+    timed = [t["batch_size"] for t in batching["batch_timings"]]
+    assert batching["max_batch_size_source"] == "tuned" and timed[0] == 1 and timed == sorted(timed)
+    assert batching["max_batch_size"] in timed and max(timed) <= 32
+    assert batching["max_queue_wait_source"] == "derived" and batching["max_queue_wait_ms"] >= 100
+    assert batching["ms_per_image"] > 0
+    strict = by_name["tiny-strict"]["versions"][0]["batching"]
+    assert strict["queue_capacity"] == 2
+    assert (strict["max_batch_size"], strict["max_batch_size_source"]) == (1, "configured")
+    assert by_name["tiny-slow"]["versions"][0]["batching"]["max_queue_wait_source"] == "configured"
     corrupt = by_name["tiny-corrupt"]
     assert corrupt["state"] == "failed"
     assert "could not load model.onnx" in corrupt["versions"][0]["reason"]

@@ -57,6 +57,8 @@ def server_process(tiny_repo: TinyRepo):
         "0",
         "--max-batch-size",
         "1",
+        "--max-queue-wait-ms",  # no wait bound: the queue must fill before SIGTERM
+        "3600000",
         "--log-level",
         "info",
     ]

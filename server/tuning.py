@@ -1,0 +1,130 @@
+"""Start-up tuning: time ONNX Runtime at batch sizes 1, 2, 4, ... and choose the default `max_batch_size`.
+
+On a CPU a larger batch stops paying once the cores are busy: past that point it only makes images
+wait for each other. So unless the operator set a batch size (`--max-batch-size`, or config.json
+`batching.max_batch_size`), each model version measures its time per image at the native resolution
+while it warms up and takes the smallest batch size within `TOLERANCE` of the best one measured.
+
+The sweep is bounded: sizes double up to the configured limit, it stops at the first size that does
+not improve on the best per-image time by more than `TOLERANCE` (time has started to grow linearly),
+and it does not start a size whose predicted cost would overrun `BUDGET_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE = 0.05
+BUDGET_S = 3.0
+TIMED_CALLS = 2  # after one untimed call per size (first-run allocations); the fastest counts
+MIN_TIMED_S = 0.02  # short calls are repeated until this much was timed: one preemption is not a result
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """The fastest of the timed runs of one batch size."""
+
+    batch_size: int
+    seconds: float
+
+    @property
+    def per_image_s(self) -> float:
+        return self.seconds / self.batch_size
+
+
+@dataclass(frozen=True)
+class BatchChoice:
+    """The batch size a version serves with, where it came from, and the measurements behind it."""
+
+    max_batch_size: int
+    source: str  # "tuned" | "configured"
+    timings: tuple[BatchTiming, ...] = ()
+
+    @property
+    def per_image_s(self) -> float | None:
+        """Measured seconds per image at the chosen size (or the largest measured below it)."""
+        below = [t for t in self.timings if t.batch_size <= self.max_batch_size]
+        return below[-1].per_image_s if below else None
+
+
+def candidate_sizes(limit: int) -> list[int]:
+    """1, 2, 4, ... below `limit`, then `limit` itself."""
+    sizes, b = [], 1
+    while b < limit:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, limit]
+
+
+def choose_batch_size(timings: Sequence[BatchTiming], tolerance: float = TOLERANCE) -> int:
+    """The smallest measured batch size whose time per image is within `tolerance` of the best."""
+    best = min(t.per_image_s for t in timings)
+    return min(t.batch_size for t in timings if t.per_image_s <= best * (1 + tolerance))
+
+
+def measure(
+    run: Callable[[int], object],
+    sizes: list[int],
+    budget_s: float = BUDGET_S,
+    tolerance: float = TOLERANCE,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[BatchTiming]:
+    """Time `run(batch_size)` at each size in order, within the budget; stop once it grows linearly.
+
+    Args:
+        run: Runs one batch of the given size (e.g. zeros at the native resolution).
+        sizes: Increasing batch sizes; the first is always measured.
+        budget_s: Sizes whose predicted cost (calls x size x best time per image) would overrun
+            what is left of this are not started.
+        tolerance: A size that does not beat the best time per image by more than this ends the sweep.
+        clock: Seconds, monotonic (a parameter so tests can drive it).
+    """
+    timings: list[BatchTiming] = []
+    started = clock()
+    for b in sizes:
+        if timings:
+            best = min(t.per_image_s for t in timings)
+            call = b * best
+            if clock() - started + call + max(TIMED_CALLS * call, MIN_TIMED_S) > budget_s:
+                break
+        run(b)
+        calls: list[float] = []
+        while len(calls) < TIMED_CALLS or sum(calls) < MIN_TIMED_S:
+            t0 = clock()
+            run(b)
+            calls.append(clock() - t0)
+        timing = BatchTiming(b, min(calls))
+        improves = not timings or timing.per_image_s < min(t.per_image_s for t in timings) * (1 - tolerance)
+        timings.append(timing)
+        if not improves:
+            break
+    return timings
+
+
+def tune(
+    run: Callable[[int], object], limit: int, model: str, clock: Callable[[], float] = time.perf_counter
+) -> BatchChoice:
+    """Measure batch sizes up to `limit`, choose one, and log the table."""
+    timings = measure(run, candidate_sizes(limit), clock=clock)
+    chosen = choose_batch_size(timings)
+    table = ", ".join(f"{t.batch_size}: {t.per_image_s * 1e3:.2f}" for t in timings)
+    logger.info("%s: ms per image by batch size {%s}; max_batch_size %d", model, table, chosen)
+    return BatchChoice(chosen, "tuned", tuple(timings))
+
+
+def batch_choice(
+    run: Callable[[int], object],
+    limit: int,
+    tuned: bool,
+    model: str,
+    clock: Callable[[], float] = time.perf_counter,
+) -> BatchChoice:
+    """`tune` when `tuned`, else keep `limit` and time batch 1 only (to seed the service time)."""
+    if tuned:
+        return tune(run, limit, model, clock)
+    return BatchChoice(limit, "configured", tuple(measure(run, [1], clock=clock)))

@@ -1,0 +1,102 @@
+"""server.tuning: the start-up batch-size sweep and choice, on a stub runtime with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.tuning import (
+    BUDGET_S,
+    BatchChoice,
+    BatchTiming,
+    batch_choice,
+    candidate_sizes,
+    choose_batch_size,
+    measure,
+)
+
+
+class StubRuntime:
+    """`run(n)` advances a fake clock by `seconds(n)`; records the batch sizes it was given."""
+
+    def __init__(self, seconds) -> None:
+        self.seconds = seconds
+        self.now = 0.0
+        self.calls: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def run(self, n: int) -> None:
+        self.calls.append(n)
+        self.now += self.seconds(n)
+
+
+def _cpu_like(n: int) -> float:
+    """Per image 30 ms alone, 20 ms from batch 8 on (the cores are busy): time grows linearly after."""
+    per_image = {1: 0.030, 2: 0.026, 4: 0.022, 8: 0.0201}.get(n, 0.020)
+    return n * per_image
+
+
+def test_candidate_sizes_double_up_to_the_limit() -> None:
+    assert candidate_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert candidate_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert candidate_sizes(1) == [1]
+
+
+def test_choose_takes_the_smallest_size_within_5_percent_of_the_best() -> None:
+    timings = [BatchTiming(1, 0.030), BatchTiming(2, 0.052), BatchTiming(4, 0.084), BatchTiming(8, 0.160)]
+    # per image: 30, 26, 21, 20 ms; 21 is within 5% of 20
+    assert choose_batch_size(timings) == 4
+    assert choose_batch_size(timings, tolerance=0.0) == 8
+    assert choose_batch_size([BatchTiming(1, 0.01)]) == 1
+
+
+def test_the_sweep_stops_once_time_grows_linearly() -> None:
+    rt = StubRuntime(_cpu_like)
+    timings = measure(rt.run, candidate_sizes(32), clock=rt.clock)
+    assert [t.batch_size for t in timings] == [1, 2, 4, 8, 16]  # 16 did not beat 8 by 5%: 32 skipped
+    assert 32 not in rt.calls
+    assert choose_batch_size(timings) == 8
+    assert timings[0].per_image_s == pytest.approx(0.030)
+
+
+def test_each_size_gets_an_untimed_call_and_the_fastest_timed_one_counts() -> None:
+    times = iter([0.5, 0.040, 0.030] + [0.030] * 10)  # first-run set-up, then a noisy timed call
+    rt = StubRuntime(lambda n: next(times))
+    timings = measure(rt.run, [1], clock=rt.clock)
+    assert len(timings) == 1 and timings[0].seconds == pytest.approx(0.030)
+    assert len(rt.calls) == 3  # untimed, then 40 + 30 ms timed (over the 20 ms minimum)
+
+
+def test_short_calls_are_repeated_until_enough_was_timed() -> None:
+    rt = StubRuntime(lambda n: 0.0001 * n)  # a tiny model: 0.1 ms per image
+    measure(rt.run, [1], clock=rt.clock)
+    assert len(rt.calls) > 100  # 20 ms of 0.1 ms calls, not 2 of them
+
+
+def test_the_sweep_does_not_start_a_size_that_would_overrun_the_budget() -> None:
+    rt = StubRuntime(lambda n: 0.3 * n)  # a ViT-L-like model: 300 ms per image whatever the batch
+    rt.seconds = lambda n: 0.3 * n * (1.0 if n == 1 else 0.8)  # batching helps, once
+    timings = measure(rt.run, candidate_sizes(32), clock=rt.clock)
+    assert rt.now <= BUDGET_S
+    assert [t.batch_size for t in timings] == [1, 2]
+
+
+def test_batch_choice_tunes_or_keeps_the_configured_size(caplog: pytest.LogCaptureFixture) -> None:
+    rt = StubRuntime(_cpu_like)
+    with caplog.at_level("INFO", logger="server.tuning"):
+        tuned = batch_choice(rt.run, 32, tuned=True, model="m", clock=rt.clock)
+    assert (tuned.max_batch_size, tuned.source) == (8, "tuned")
+    assert "m: ms per image by batch size {1: 30.00, 2: 26.00, 4: 22.00, 8: 20.10, 16: 20.00}" in caplog.text
+    rt.calls.clear()
+    kept = batch_choice(rt.run, 16, tuned=False, model="m", clock=rt.clock)
+    assert (kept.max_batch_size, kept.source) == (16, "configured")
+    assert set(rt.calls) == {1}  # batch 1 timed only, to seed the service time
+    assert kept.per_image_s == kept.timings[0].per_image_s
+
+
+def test_per_image_seed_is_the_chosen_size_or_the_largest_below() -> None:
+    choice = BatchChoice(8, "tuned", (BatchTiming(1, 0.03), BatchTiming(4, 0.08), BatchTiming(8, 0.16)))
+    assert choice.per_image_s == pytest.approx(0.02)
+    assert BatchChoice(16, "configured", (BatchTiming(1, 0.03),)).per_image_s == pytest.approx(0.03)
+    assert BatchChoice(16, "configured").per_image_s is None
