@@ -11,7 +11,7 @@ request at once when the work already ahead of it would take longer than a bound
 * The wait of a new image is the remaining time of the running batch plus the service time of every
   image admitted or queued before it. A request is refused when that exceeds `WaitBound.seconds`:
   `max_queue_wait_ms` when set, else a few full batches' time at the request's resolution
-  (`FULL_BATCHES` batches of `max_batch_size`), at least `MIN_WAIT_S` and at most the request
+  (`FULL_BATCHES` batches of `max_batch_size`), at least `MIN_WAIT_S` (1 s) and at most the request
   timeout (past it, the image would only be answered 504 later). A request with nothing ahead of
   it is never refused. Retry-After is the estimated time until the excess has drained.
 """
@@ -31,8 +31,10 @@ Cost = Callable[[tuple[int, int]], float]
 
 FULL_BATCHES = 2
 """Derived bound, in full batches: one to run next while one runs, one more to absorb bursts."""
-MIN_WAIT_S = 0.1
-"""A tiny model's full batch takes a millisecond; waiting 100 ms is still better than a 503."""
+MIN_WAIT_S = 1.0
+"""The derived bound is never shorter: a second of queue is what a few dozen clients in a closed loop
+need on a 2-core CPU with ViT-S (refusing them makes them resend at once, and the refusals cost CPU),
+and a tiny model's full batch takes a millisecond, so there `queue_capacity` is what limits."""
 ALPHA_PER_IMAGE = 0.02
 """EWMA weight of one image's observation: a batch of 32 moves the mean about halfway."""
 

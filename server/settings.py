@@ -74,7 +74,7 @@ class Settings(BaseSettings):
         None,
         gt=0,
         description="Refuse at once (503 + Retry-After) a request whose images would wait longer than "
-        "this, estimated from the measured time per image; unset: 2 full batches' time, 100 ms to "
+        "this, estimated from the measured time per image; unset: 2 full batches' time, 1 s to "
         "the request timeout (per model: config.json).",
     )
     request_timeout_s: float = Field(

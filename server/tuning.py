@@ -5,9 +5,10 @@ wait for each other. So unless the operator set a batch size (`--max-batch-size`
 `batching.max_batch_size`), each model version measures its time per image at the native resolution
 while it warms up and takes the smallest batch size within `TOLERANCE` of the best one measured.
 
-The sweep is bounded: sizes double up to the configured limit, it stops at the first size that does
-not improve on the best per-image time by more than `TOLERANCE` (time has started to grow linearly),
-and it does not start a size whose predicted cost would overrun `BUDGET_S`.
+The sweep is bounded: sizes double up to the configured limit, it stops after `PATIENCE` sizes in a
+row that do not improve on the best per-image time by more than `TOLERANCE` (time has started to grow
+linearly; two, so one noisy measurement does not end it), and it does not start a size whose
+predicted cost would overrun `BUDGET_S`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 TOLERANCE = 0.05
 BUDGET_S = 3.0
 TIMED_CALLS = 2  # after one untimed call per size (first-run allocations); the fastest counts
+PATIENCE = 2
 MIN_TIMED_S = 0.02  # short calls are repeated until this much was timed: one preemption is not a result
 
 
@@ -81,11 +83,12 @@ def measure(
         sizes: Increasing batch sizes; the first is always measured.
         budget_s: Sizes whose predicted cost (calls x size x best time per image) would overrun
             what is left of this are not started.
-        tolerance: A size that does not beat the best time per image by more than this ends the sweep.
+        tolerance: `PATIENCE` sizes in a row that do not beat the best time per image by more than
+            this end the sweep.
         clock: Seconds, monotonic (a parameter so tests can drive it).
     """
     timings: list[BatchTiming] = []
-    started = clock()
+    started, stale = clock(), 0
     for b in sizes:
         if timings:
             best = min(t.per_image_s for t in timings)
@@ -101,7 +104,8 @@ def measure(
         timing = BatchTiming(b, min(calls))
         improves = not timings or timing.per_image_s < min(t.per_image_s for t in timings) * (1 - tolerance)
         timings.append(timing)
-        if not improves:
+        stale = 0 if improves else stale + 1
+        if stale >= PATIENCE:
             break
     return timings
 

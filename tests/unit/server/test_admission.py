@@ -59,9 +59,9 @@ def test_service_time_ignores_empty_observations_and_adds_the_running_batch() ->
 
 def test_the_derived_bound_is_full_batches_clamped_to_floor_and_timeout() -> None:
     vit = WaitBound(None, max_batch_size=8, timeout_s=30.0)
-    assert vit.seconds(ServiceTime(0.025)) == pytest.approx(2 * 8 * 0.025)  # two batches of 8
-    assert vit.seconds(ServiceTime(0.025), cost=3.0) == pytest.approx(3 * 2 * 8 * 0.025)
-    assert vit.seconds(ServiceTime(0.00005)) == MIN_WAIT_S  # a tiny model still queues 100 ms
+    assert vit.seconds(ServiceTime(0.1)) == pytest.approx(2 * 8 * 0.1)  # two batches of 8
+    assert vit.seconds(ServiceTime(0.1), cost=3.0) == pytest.approx(3 * 2 * 8 * 0.1)
+    assert vit.seconds(ServiceTime(0.00005)) == MIN_WAIT_S == 1.0  # a tiny model still queues 1 s
     big = WaitBound(None, max_batch_size=32, timeout_s=1.0)
     assert big.seconds(ServiceTime(0.3)) == 1.0  # past the deadline it would be a 504 anyway
     assert WaitBound(0.25, 32, 30.0).seconds(ServiceTime(1.0)) == 0.25  # configured wins
@@ -115,20 +115,20 @@ class SlowModel:
 async def test_the_batcher_refuses_by_time_before_its_count_capacity() -> None:
     model = SlowModel(0.01)
     policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0, queue_capacity=512, timeout_s=30.0)
-    control = AdmissionControl(ServiceTime(0.01), WaitBound(None, 4, 30.0))  # bound: 100 ms = 10 images
+    control = AdmissionControl(ServiceTime(0.01), WaitBound(None, 4, 30.0))  # bound: the 1 s floor
     metrics = Metrics(4)
     b = Batcher("m", model, policy, metrics, asyncio.get_running_loop(), control)
     b.start()
-    big = b.admit(HW, 64)  # nothing ahead: admitted, however many images it brings
+    big = b.admit(HW, 250)  # nothing ahead: admitted, however many images (2.5 s of them) it brings
     with pytest.raises(QueueFullError) as exc:
         b.admit(HW, 1)
-    assert exc.value.retry_after_s == 1
+    assert exc.value.retry_after_s == 2  # 2.5 s ahead, 1.5 s over the bound
     assert (
         metrics.registry.get_sample_value("vitserve_rejected_total", {"model": "m", "reason": "queue_full"})
         == 1
     )
     big.release()
-    lone = b.admit(HW, 1)  # the 64 were never queued: room again
+    lone = b.admit(HW, 1)  # the 250 were never queued: room again
     with lone:
         await lone.infer(np.zeros((3, *HW), np.float32))
     assert model.batches == [1]
