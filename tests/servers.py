@@ -122,6 +122,8 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+        self._reader.join(5)  # EOF once the process is gone
+        self.proc.stderr.close()
 
     def __enter__(self) -> ServerProcess:
         return self
