@@ -74,6 +74,8 @@ def test_sigterm_under_load_drains_and_exits_within_grace(tiny_repo: TinyRepo) -
         for t in readers:
             t.join(10)
         slow.close()
+        for sock in accepted:
+            sock.close()
         log = "".join(srv.log)
     assert refused_at is not None and refused_at < 1.0, "new connections still accepted"
     assert [status_of(results[i]) for i in range(16)] == [200] * 16, [results[i][-200:] for i in range(16)]
