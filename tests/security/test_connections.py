@@ -97,7 +97,7 @@ def test_a_huge_preamble_is_answered_in_bounded_time(srv) -> None:
         r, took = _post_multipart(srv.url, body)
     assert r.status_code == 400 and "multipart" in r.json()["detail"]
     assert took < 5
-    assert max(probe.latencies) < 0.5, probe.latencies
+    assert max(probe.latencies) < 1.0, probe.latencies
 
 
 def test_a_request_head_over_the_limit_gets_431(srv) -> None:
@@ -173,4 +173,4 @@ def test_slow_clients_are_cut_off_and_healthz_stays_fast(tiny_repo: TinyRepo) ->
     assert {s for _, s in by_kind["body"]} == {408}
     assert {s for _, s in by_kind["silent"]} == {0}  # closed without a word: it said nothing
     assert max(t for _, t, _ in results) < HEAD_S + BODY_S + 2
-    assert statistics.median(probe.latencies) < 0.1 and max(probe.latencies) < 0.5, probe.latencies
+    assert statistics.median(probe.latencies) < 0.1 and max(probe.latencies) < 1.0, probe.latencies
