@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 from server.settings import Settings
@@ -188,7 +189,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         http=guarded_protocol(settings),
         log_level=settings.log_level,
         timeout_keep_alive=settings.keep_alive_timeout_s,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),  # 0 would mean at once
         limit_concurrency=settings.max_connections,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         server_header=False,
