@@ -1,6 +1,6 @@
 """`python -m training demo --repo model_repo`: build the bundled demo models (`make demo-model`).
 
-1. pre-train a small ViT (patch 8, width 64, depth 6) on `synthetic` (96 classes: glyphs and
+1. pre-train a small ViT (patch 8, width 128, depth 6) on `synthetic` (96 classes: glyphs and
    shape-textures) at 24 px, i.e. a 3x3 token grid;
 2. fine-tune it on `digits` at 32 px (4x4 grid): a higher resolution, so the position embeddings are
    interpolated, and a fresh zero-initialised linear head; the paper's SGD recipe;
@@ -37,7 +37,7 @@ from training.train import RunSummary, evaluate_model, fit
 log = logging.getLogger(__name__)
 RESULTS = "demo_results.json"
 
-ARCH = dict(patch_size=8, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0)
+ARCH = dict(patch_size=8, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
 PRETRAIN = RunConfig(
     data="synthetic",
     synthetic_classes=96,
@@ -51,7 +51,7 @@ PRETRAIN = RunConfig(
     clip_grad=1.0,
     warmup_fraction=0.05,
     schedule="cosine",
-    epochs=30,
+    epochs=20,
     batch_size=128,
     hflip=False,
     crop_scale=(0.6, 1.0),
