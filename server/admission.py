@@ -10,10 +10,14 @@ request at once when the work already ahead of it would take longer than a bound
   Images at other resolutions are weighted by their relative cost (`relative_cost`).
 * The wait of a new image is the remaining time of the running batch plus the service time of every
   image admitted or queued before it. A request is refused when that exceeds `WaitBound.seconds`:
-  `max_queue_wait_ms` when set, else a few full batches' time at the request's resolution
-  (`FULL_BATCHES` batches of `max_batch_size`), at least `MIN_WAIT_S` (1 s) and at most the request
-  timeout (past it, the image would only be answered 504 later). A request with nothing ahead of
-  it is never refused. Retry-After is the estimated time until the excess has drained.
+  `max_queue_wait_ms` when set, else the time of `FULL_BATCHES` full batches or of `MIN_IMAGES`
+  images at the request's resolution, whichever is longer, kept between `MIN_WAIT_S` and
+  `MAX_WAIT_S` and within the request timeout (past it, the image would only be answered 504
+  later). A request with nothing ahead of it is never refused. Retry-After is the estimated time
+  until the excess has drained.
+
+The bound is counted in measured service time rather than seconds so that it means the same on a
+quiet and on a busy machine, for a tiny model and for ViT-L: the clock only clamps it.
 """
 
 from __future__ import annotations
@@ -31,10 +35,14 @@ Cost = Callable[[tuple[int, int]], float]
 
 FULL_BATCHES = 2
 """Derived bound, in full batches: one to run next while one runs, one more to absorb bursts."""
-MIN_WAIT_S = 1.0
-"""The derived bound is never shorter: a second of queue is what a few dozen clients in a closed loop
-need on a 2-core CPU with ViT-S (refusing them makes them resend at once, and the refusals cost CPU),
-and a tiny model's full batch takes a millisecond, so there `queue_capacity` is what limits."""
+MIN_IMAGES = 48
+"""...or this many images, if longer: what a few dozen clients waiting for one answer each put in the
+queue. Refusing them would not shorten anyone's wait: a refused client in a loop resends at once, and
+a storm of refusals costs the CPU that decoding and inference need."""
+MIN_WAIT_S = 0.25
+"""A tiny model's 48 images take a few milliseconds: below this, a 503 gains nothing."""
+MAX_WAIT_S = 5.0
+"""A slow model (ViT-L on two cores: 48 images are a quarter of a minute) is refused beyond this."""
 ALPHA_PER_IMAGE = 0.02
 """EWMA weight of one image's observation: a batch of 32 moves the mean about halfway."""
 
@@ -95,8 +103,9 @@ class WaitBound:
         """The bound for an image of relative `cost` (full batches are counted at its resolution)."""
         if self.configured_s is not None:
             return self.configured_s
-        derived = FULL_BATCHES * self.max_batch_size * service.per_image_s * cost
-        return min(max(derived, MIN_WAIT_S), self.timeout_s)
+        images = max(FULL_BATCHES * self.max_batch_size, MIN_IMAGES)
+        derived = min(max(images * service.per_image_s * cost, MIN_WAIT_S), MAX_WAIT_S)
+        return min(derived, self.timeout_s)
 
 
 class AdmissionControl:

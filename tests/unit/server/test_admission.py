@@ -8,7 +8,15 @@ import threading
 import numpy as np
 import pytest
 
-from server.admission import MIN_WAIT_S, AdmissionControl, ServiceTime, WaitBound, relative_cost
+from server.admission import (
+    MAX_WAIT_S,
+    MIN_IMAGES,
+    MIN_WAIT_S,
+    AdmissionControl,
+    ServiceTime,
+    WaitBound,
+    relative_cost,
+)
 from server.batcher import Batcher, BatchPolicy
 from server.errors import QueueFullError
 from server.metrics import Metrics
@@ -57,13 +65,16 @@ def test_service_time_ignores_empty_observations_and_adds_the_running_batch() ->
         ServiceTime(0.0)
 
 
-def test_the_derived_bound_is_full_batches_clamped_to_floor_and_timeout() -> None:
+def test_the_derived_bound_is_batches_or_images_clamped_in_time() -> None:
+    assert MIN_IMAGES == 48 and (MIN_WAIT_S, MAX_WAIT_S) == (0.25, 5.0)
     vit = WaitBound(None, max_batch_size=8, timeout_s=30.0)
-    assert vit.seconds(ServiceTime(0.1)) == pytest.approx(2 * 8 * 0.1)  # two batches of 8
-    assert vit.seconds(ServiceTime(0.1), cost=3.0) == pytest.approx(3 * 2 * 8 * 0.1)
-    assert vit.seconds(ServiceTime(0.00005)) == MIN_WAIT_S == 1.0  # a tiny model still queues 1 s
+    assert vit.seconds(ServiceTime(0.04)) == pytest.approx(48 * 0.04)  # 48 images > two batches of 8
+    assert vit.seconds(ServiceTime(0.02), cost=3.0) == pytest.approx(3 * 48 * 0.02)
+    assert WaitBound(None, 32, 30.0).seconds(ServiceTime(0.04)) == pytest.approx(2 * 32 * 0.04)
+    assert vit.seconds(ServiceTime(0.00005)) == MIN_WAIT_S  # a tiny model still queues 250 ms
+    assert vit.seconds(ServiceTime(0.3)) == MAX_WAIT_S  # ViT-L: not 14 s of queue
     big = WaitBound(None, max_batch_size=32, timeout_s=1.0)
-    assert big.seconds(ServiceTime(0.3)) == 1.0  # past the deadline it would be a 504 anyway
+    assert big.seconds(ServiceTime(0.03)) == 1.0  # past the deadline it would be a 504 anyway
     assert WaitBound(0.25, 32, 30.0).seconds(ServiceTime(1.0)) == 0.25  # configured wins
 
 
@@ -115,20 +126,20 @@ class SlowModel:
 async def test_the_batcher_refuses_by_time_before_its_count_capacity() -> None:
     model = SlowModel(0.01)
     policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0, queue_capacity=512, timeout_s=30.0)
-    control = AdmissionControl(ServiceTime(0.01), WaitBound(None, 4, 30.0))  # bound: the 1 s floor
+    control = AdmissionControl(ServiceTime(0.01), WaitBound(None, 4, 30.0))  # bound: 48 images, 0.48 s
     metrics = Metrics(4)
     b = Batcher("m", model, policy, metrics, asyncio.get_running_loop(), control)
     b.start()
-    big = b.admit(HW, 250)  # nothing ahead: admitted, however many images (2.5 s of them) it brings
+    big = b.admit(HW, 200)  # nothing ahead: admitted, however many images (2 s of them) it brings
     with pytest.raises(QueueFullError) as exc:
         b.admit(HW, 1)
-    assert exc.value.retry_after_s == 2  # 2.5 s ahead, 1.5 s over the bound
+    assert exc.value.retry_after_s == 2  # 2 s ahead, 1.52 s over the bound
     assert (
         metrics.registry.get_sample_value("vitserve_rejected_total", {"model": "m", "reason": "queue_full"})
         == 1
     )
     big.release()
-    lone = b.admit(HW, 1)  # the 250 were never queued: room again
+    lone = b.admit(HW, 1)  # the 200 were never queued: room again
     with lone:
         await lone.infer(np.zeros((3, *HW), np.float32))
     assert model.batches == [1]
