@@ -41,7 +41,7 @@ queue. Refusing them would not shorten anyone's wait: a refused client in a loop
 a storm of refusals costs the CPU that decoding and inference need."""
 MIN_WAIT_S = 0.25
 """A tiny model's 48 images take a few milliseconds: below this, a 503 gains nothing."""
-MAX_WAIT_S = 5.0
+MAX_WAIT_S = 10.0
 """A slow model (ViT-L on two cores: 48 images are a quarter of a minute) is refused beyond this."""
 ALPHA_PER_IMAGE = 0.02
 """EWMA weight of one image's observation: a batch of 32 moves the mean about halfway."""

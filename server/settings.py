@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         gt=0,
         description="Refuse at once (503 + Retry-After) a request whose images would wait longer than "
         "this, estimated from the measured time per image; unset: the time of 2 full batches or 48 "
-        "images, whichever is longer, within 0.25-5 s and the request timeout (per model: config.json).",
+        "images, whichever is longer, within 0.25-10 s and the request timeout (per model: config.json).",
     )
     request_timeout_s: float = Field(
         30.0, gt=0, description="Deadline per request; past it in the queue: 504."
