@@ -68,12 +68,12 @@ def test_one_noisy_size_does_not_end_the_sweep() -> None:
     assert choose_batch_size(timings) == 16
 
 
-def test_each_size_gets_an_untimed_call_and_the_fastest_timed_one_counts() -> None:
-    times = iter([0.5, 0.040, 0.030] + [0.030] * 10)  # first-run set-up, then a noisy timed call
+def test_each_size_is_timed_three_times_and_the_fastest_counts() -> None:
+    times = iter([0.5, 0.040, 0.030] + [0.030] * 10)  # first-run set-up, a noisy call, a clean one
     rt = StubRuntime(lambda n: next(times))
     timings = measure(rt.run, [1], clock=rt.clock)
     assert len(timings) == 1 and timings[0].seconds == pytest.approx(0.030)
-    assert len(rt.calls) == 3  # untimed, then 40 + 30 ms timed (over the 20 ms minimum)
+    assert len(rt.calls) == 3
 
 
 def test_short_calls_are_repeated_until_enough_was_timed() -> None:
