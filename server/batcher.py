@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from enum import Enum
 
@@ -57,6 +58,7 @@ class BatchPolicy:
 
 
 class _State(Enum):
+    DECODING = 0  # admitted, its pixels still being prepared (infer_prepared)
     QUEUED = 1
     TAKEN = 2
     EXPIRED = 3
@@ -66,12 +68,12 @@ class _State(Enum):
 class _Item:
     __slots__ = ("enqueued", "future", "hw", "pixels", "state", "timer")
 
-    def __init__(self, pixels: np.ndarray, hw: tuple[int, int], future: asyncio.Future) -> None:
-        self.pixels: np.ndarray | None = pixels
+    def __init__(self, hw: tuple[int, int], future: asyncio.Future) -> None:
+        self.pixels: np.ndarray | None = None
         self.hw = hw
         self.future = future
         self.enqueued = time.monotonic()
-        self.state = _State.QUEUED
+        self.state = _State.DECODING
         self.timer: asyncio.TimerHandle | None = None
 
 
@@ -96,10 +98,52 @@ class Admission:
         """
         if self._left <= 0:
             raise RuntimeError("more images submitted than admitted")
+        self._check(pixels)
+        self._left -= 1
+        item = _Item(self.hw, self._batcher._loop.create_future())
+        self._batcher._queue(item, pixels, self.deadline)
+        return await self._wait(item)
+
+    async def infer_prepared(self, prepare: Callable[[], np.ndarray], pool: Executor) -> np.ndarray:
+        """Run `prepare` (bytes -> pixels) in `pool` and queue its result from there, then wait.
+
+        The pool thread queues the image itself, so inference can start without a turn of the
+        event loop in between (one thread hop less on every request's critical path).
+
+        Raises:
+            Whatever `prepare` raises (its reservation is returned), and what `infer` raises.
+        """
+        if self._left <= 0:
+            raise RuntimeError("more images submitted than admitted")
+        self._left -= 1
+        batcher, item = self._batcher, _Item(self.hw, self._batcher._loop.create_future())
+
+        def work() -> None:
+            try:
+                pixels = prepare()
+                self._check(pixels)
+            except BaseException:
+                batcher._release(self.hw, 1)
+                raise
+            batcher._queue(item, pixels, self.deadline)
+
+        job = pool.submit(work)
+        try:
+            await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            if job.cancel():  # never started: its reservation is returned here
+                batcher._release(self.hw, 1)
+            else:  # running (`_queue` will drop it) or done (queued: taken out again)
+                batcher._cancel(item)
+            raise
+        return await self._wait(item)
+
+    def _check(self, pixels: np.ndarray) -> None:
         if pixels.shape != (3, *self.hw):
             raise ValueError(f"expected pixels of shape (3, {self.hw[0]}, {self.hw[1]}), got {pixels.shape}")
-        self._left -= 1
-        item = self._batcher._enqueue(pixels, self.hw, self.deadline)
+
+    async def _wait(self, item: _Item) -> np.ndarray:
+        self._batcher._arm(item, self.deadline)
         try:
             return await item.future
         except asyncio.CancelledError:
@@ -193,29 +237,36 @@ class Batcher:
             self._abandon()
             await asyncio.to_thread(self._thread.join)
 
-    # -- event-loop side -------------------------------------------------------------------
+    # -- queueing: from the event loop or a decode thread ----------------------------------
 
-    def _enqueue(self, pixels: np.ndarray, hw: tuple[int, int], deadline: float) -> _Item:
-        item = _Item(pixels, hw, self._loop.create_future())
-        remaining = deadline - item.enqueued
+    def _queue(self, item: _Item, pixels: np.ndarray, deadline: float) -> None:
+        """Turn one reservation into a queued item (dropped if its caller went away meanwhile)."""
+        item.enqueued = time.monotonic()
         with self._cond:
             self._reserved -= 1
-            self._expected[hw] -= 1
-            if remaining <= 0:
-                self._cond.notify()
-                item.state = _State.EXPIRED
-            else:
-                self._queues.setdefault(hw, deque()).append(item)
-                self._live[hw] = self._live.get(hw, 0) + 1
-                self._depth += 1
-                self._cond.notify()
-        if item.state is _State.EXPIRED:
+            self._expected[item.hw] -= 1
+            if item.state is _State.DECODING:
+                if deadline <= item.enqueued:
+                    item.state = _State.EXPIRED
+                else:
+                    item.state, item.pixels = _State.QUEUED, pixels
+                    self._queues.setdefault(item.hw, deque()).append(item)
+                    self._live[item.hw] = self._live.get(item.hw, 0) + 1
+                    self._depth += 1
+            self._cond.notify()
+        if item.state is _State.QUEUED:
+            self._metrics.queue_depth.labels(self.model).inc()
+        elif item.state is _State.EXPIRED:
             self._metrics.rejected.labels(self.model, "deadline").inc()
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def _arm(self, item: _Item, deadline: float) -> None:
+        """After `_queue`: fail an item that arrived past its deadline, else time its deadline."""
+        if item.state is _State.EXPIRED and not item.future.done():
             item.future.set_exception(DeadlineExceededError())
-            return item
-        self._metrics.queue_depth.labels(self.model).inc()
-        item.timer = self._loop.call_later(remaining, self._expire, item)
-        return item
+        elif item.state is _State.QUEUED and not item.future.done():
+            item.timer = self._loop.call_later(deadline - time.monotonic(), self._expire, item)
 
     def _unqueue(self, item: _Item, state: _State) -> bool:
         with self._cond:
@@ -237,6 +288,10 @@ class Batcher:
     def _cancel(self, item: _Item) -> None:
         if item.timer is not None:
             item.timer.cancel()
+        with self._cond:
+            if item.state is _State.DECODING:
+                item.state = _State.CANCELLED
+                return
         if self._unqueue(item, _State.CANCELLED):
             self._metrics.rejected.labels(self.model, "disconnected").inc()
 

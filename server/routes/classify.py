@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
+from collections.abc import Awaitable
 from concurrent.futures import Executor
+from functools import partial
 from typing import Annotated
 
 import numpy as np
@@ -132,25 +133,23 @@ async def _run(
     pool: Executor,
     metrics: Metrics,
 ) -> np.ndarray:
-    """Decode each image in the pool and queue it as soon as it is ready; logits (N, K) in upload order."""
-    loop = asyncio.get_running_loop()
+    """Decode each image in the pool and queue it from there; logits (N, K) in upload order."""
     spec = mv.config.preprocess
     observe = metrics.preprocess.labels(mv.name).observe
 
-    def decode(blob: bytes) -> np.ndarray:
+    def decode(index: int, blob: bytes) -> np.ndarray:
         start = time.perf_counter()
-        pixels = prepare(blob, limits, hw, spec)
-        observe(time.perf_counter() - start)
-        return pixels
-
-    async def one(index: int, blob: bytes) -> np.ndarray:
         try:
-            pixels = await loop.run_in_executor(pool, decode, blob)
+            pixels = prepare(blob, limits, hw, spec)
         except ServerError as exc:
             if len(blobs) > 1:  # say which upload was bad
                 raise type(exc)(f"image {index + 1}: {exc.detail}") from exc
             raise
-        return await admission.infer(pixels)
+        observe(time.perf_counter() - start)
+        return pixels
+
+    def one(index: int, blob: bytes) -> Awaitable[np.ndarray]:
+        return admission.infer_prepared(partial(decode, index, blob), pool)
 
     with mv.admit(hw, len(blobs)) as admission:
         if len(blobs) == 1:  # no task to gather: the common case, a lone image

@@ -1,0 +1,125 @@
+"""Admission.infer_prepared: the decode thread queues the image itself; reservations never leak."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from server.batcher import Batcher, BatchPolicy
+from server.errors import DeadlineExceededError, InvalidImageError
+from server.metrics import Metrics
+
+pytestmark = pytest.mark.anyio
+
+HW = (8, 8)
+
+
+class Model:
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.images = 0
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.images += len(pixels)
+        return np.stack([pixels.mean(axis=(1, 2, 3)), np.zeros(len(pixels))], axis=1).astype(np.float32)
+
+
+def _batcher(model: Model, **policy: float) -> Batcher:
+    settings = dict(max_batch_size=4, max_queue_delay_s=0.0, queue_capacity=8, timeout_s=5.0) | policy
+    b = Batcher("m", model, BatchPolicy(**settings), Metrics(4), asyncio.get_running_loop())
+    b.start()
+    return b
+
+
+def _idle(b: Batcher) -> bool:
+    return b._reserved == 0 and b.depth == 0 and not any(b._expected.values())
+
+
+async def test_the_pool_thread_queues_its_image_and_the_answer_comes_back() -> None:
+    model, queued_from = Model(), []
+    b = _batcher(model)
+    original = b._queue
+
+    def spy(*args: object) -> None:
+        queued_from.append(threading.current_thread().name)
+        original(*args)
+
+    b._queue = spy
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool, b.admit(HW, 2) as adm:
+        rows = await asyncio.gather(
+            *(adm.infer_prepared(lambda v=v: np.full((3, *HW), v, np.float32), pool) for v in (1.0, 2.0))
+        )
+    assert [float(r[0]) for r in rows] == [1.0, 2.0]
+    assert all(name.startswith("decode") for name in queued_from)
+    assert _idle(b)
+    await b.drain()
+
+
+async def test_a_failed_decode_gives_its_reservation_back() -> None:
+    b = _batcher(Model(), queue_capacity=1)
+
+    def bad() -> np.ndarray:
+        raise InvalidImageError("not an image")
+
+    with ThreadPoolExecutor(1) as pool:
+        with b.admit(HW, 1) as adm, pytest.raises(InvalidImageError):
+            await adm.infer_prepared(bad, pool)
+        assert _idle(b)
+        with b.admit(HW, 1) as adm:  # the capacity of one is free again
+            await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+    await b.drain()
+
+
+async def test_cancelled_while_decoding_the_image_is_dropped_not_run() -> None:
+    model, started, finish = Model(), threading.Event(), threading.Event()
+    b = _batcher(model)
+
+    def slow() -> np.ndarray:
+        started.set()
+        finish.wait(5)
+        return np.zeros((3, *HW), np.float32)
+
+    with ThreadPoolExecutor(1) as pool:
+        with b.admit(HW, 1) as adm:
+            task = asyncio.ensure_future(adm.infer_prepared(slow, pool))
+            await asyncio.to_thread(started.wait, 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finish.set()
+    assert model.images == 0 and _idle(b)
+    await b.drain()
+
+
+async def test_cancelled_before_its_decode_started_the_reservation_is_returned() -> None:
+    b, hold = _batcher(Model()), threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(hold.wait, 5)  # the only decode thread is busy
+        with b.admit(HW, 1) as adm:
+            task = asyncio.ensure_future(adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool))
+            await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert b._reserved == 0  # returned at once, not when the pool gets to it
+        hold.set()
+    assert _idle(b)
+    await b.drain()
+
+
+async def test_an_image_decoded_past_its_deadline_is_answered_504_and_not_run() -> None:
+    model = Model()
+    b = _batcher(model, timeout_s=0.05)
+
+    def slow() -> np.ndarray:
+        threading.Event().wait(0.1)
+        return np.zeros((3, *HW), np.float32)
+
+    with ThreadPoolExecutor(1) as pool, b.admit(HW, 1) as adm, pytest.raises(DeadlineExceededError):
+        await adm.infer_prepared(slow, pool)
+    assert model.images == 0 and _idle(b)
+    await b.drain()
