@@ -134,8 +134,9 @@ def test_sampler_needs_one_batch():
 def test_holdout_is_disjoint_fixed_and_left_out_of_training():
     train, held = holdout_split(100, 0.2)
     assert len(held) == 20 and not set(train) & set(held) and (train, held) == holdout_split(100, 0.2)
+    assert holdout_split(10, 0.2, tail=True) == (list(range(8)), [8, 9])
     cfg = RunConfig(data="digits", holdout_fraction=0.1)
-    assert (
-        len(open_source("digits", "train", cfg=cfg)) + len(open_source("digits", "holdout", cfg=cfg)) == 1438
-    )
+    held = open_source("digits", "holdout", cfg=cfg)
+    assert len(open_source("digits", "train", cfg=cfg)) + len(held) == 1438
+    assert held.indices == list(range(1294, 1438))  # digits: the tail (other writers), like the test split
     assert sorted(eval_indices(10, 0, 3) + eval_indices(10, 1, 3) + eval_indices(10, 2, 3)) == list(range(10))
