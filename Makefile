@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: serve test lint demo-model clean-venv bench
+.PHONY: serve test lint audit demo-model clean-venv bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(VENV)/.dev
 
 test: lint
 	$(PY) -m pytest
+
+# Known-vulnerability audit of requirements/*.lock from PyPI's advisory data (SECURITY.md, "Dependencies").
+audit: $(VENV)/.dev
+	$(PY) -m tools.audit_lock
 
 demo-model: $(VENV)/.dev
 	$(PY) -m training demo --repo model_repo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tests.deploy.dockerfile import Stage, stages
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 SERVING = {"Dockerfile": "cpu", "Dockerfile.gpu": "gpu"}
+LOCKS = {"Dockerfile": "server.lock", "Dockerfile.gpu": "server-gpu.lock"}
 ALL = [*SERVING, "Dockerfile.train"]
 SETTINGS_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
@@ -78,15 +80,42 @@ def test_serving_image_has_no_torch_and_no_training_code(name: str) -> None:
         assert "training" not in copied, f"{name}: the serving image must not contain the training package"
         runs = " ".join(r.args for r in stage.all("RUN"))
         assert "torch" not in runs
-        extras = re.findall(r'"\.\[([a-z,]+)\]"', runs)
-        if extras:
-            assert extras == [SERVING[name]], f"{name}: installs extras {extras}, expected [{SERVING[name]}]"
-    build_runs = " ".join(r.args for r in parsed(name)[0].all("RUN"))
-    assert f'".[{SERVING[name]}]"' in build_runs
+        assert not re.search(r"\.\[[a-z,]+\]", runs), f"{name}: extras resolve at build time; use the lock"
+
+
+def pip_installs(stage: Stage) -> list[list[str]]:
+    """The arguments of every `pip install` in the stage's RUN lines."""
+    out = []
+    for run in stage.all("RUN"):
+        for step in run.args.split("&&"):
+            words = shlex.split(step)
+            if len(words) > 2 and words[0].endswith("/pip") and words[1] == "install":
+                out.append(words[2:])
+    return out
+
+
+@pytest.mark.parametrize("name", SERVING)
+def test_serving_image_installs_the_hashed_lock_then_the_project_alone(name: str) -> None:
+    """Reproducible images: the dependencies come only from the lock, hash-checked, and the project adds
+    none of its own (its requirements would otherwise be resolved anew at build time)."""
+    lock = LOCKS[name]
+    build = parsed(name)[0]
+    installs = pip_installs(build)
+    assert len(installs) == 2, f"{name}: expected the lock's install and the project's, got {installs}"
+    deps, project = installs
+    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(deps), deps
+    assert deps[deps.index("-r") + 1] == f"requirements/{lock}", deps
+    assert "--no-deps" in project and project[-1] == ".", project
+    copies = [c.operands() for c in build.all("COPY")]
+    assert [f"requirements/{lock}", "requirements/"] in copies
+    runs = " ".join(r.args for r in build.all("RUN"))
+    assert runs.index(f"requirements/{lock}") < runs.index("--no-deps .")
+    assert '"$VIRTUAL_ENV/bin/pip" check' in runs  # the lock must satisfy the project's requirements
+    assert (REPO / "requirements" / lock).is_file()
 
 
 def test_cpu_extra_has_no_torch() -> None:
-    """The serving image installs '.[cpu]': neither the base dependencies nor that extra may pull in torch."""
+    """The CPU image's lock is pyproject's dependencies and the `cpu` extra: neither may pull in torch."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -143,5 +172,13 @@ def test_dockerignore_keeps_local_state_out() -> None:
     ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
     for entry in (".venv", ".git", "**/__pycache__", "runs", "checkpoints", "**/*.pt"):
         assert entry in ignored, entry
-    for needed in ("server", "training", "model_repo", "pyproject.toml", "README.md", "docker"):
+    for needed in (
+        "server",
+        "training",
+        "model_repo",
+        "pyproject.toml",
+        "README.md",
+        "docker",
+        "requirements",
+    ):
         assert needed not in ignored, f"{needed} is COPYed by a Dockerfile"

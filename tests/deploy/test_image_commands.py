@@ -2,15 +2,17 @@
 
 The steps are read from the Dockerfile, not restated here: ENV, WORKDIR and COPY are emulated under a
 scratch root (every container path /p becomes ROOT/p, so the venv keeps the path it was built at, as in
-the image), the build stage's RUN lines run as written with `sh -c` (a fresh venv and the real `pip
-install`, from the package index like `docker build`), and the ENTRYPOINT + CMD start with the image's
-environment. Deviations, all forced by running on the host: the server binds 127.0.0.1 on a free port
-instead of 0.0.0.0:8000; user creation (root-only) is skipped; and when model_repo/ holds no model yet,
-the `tiny` model of tests/conftest.py's repository stands in for it.
+the image), the build stage's RUN lines run as written with `sh -c` (a fresh venv, the real `pip
+install` of requirements/server.lock with its hashes from the package index like `docker build`, then the
+project without dependencies), and the ENTRYPOINT + CMD start with the image's environment.
+Deviations, all forced by running on the host: the server binds 127.0.0.1 on a free port instead of
+0.0.0.0:8000; user creation (root-only) is skipped; and when model_repo/ holds no model yet, the `tiny`
+model of tests/conftest.py's repository stands in for it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from packaging.utils import canonicalize_name
 
 from tests.deploy.conftest import MODEL, demo_repo, free_port, png, stop, wait_ready
 from tests.deploy.dockerfile import Instruction, Stage, stages
@@ -178,6 +181,23 @@ def test_image_venv_has_no_torch_and_no_training(image: Image) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     assert out.strip() == "['onnxruntime']"
+
+
+def test_image_venv_holds_exactly_the_lock(image: Image) -> None:
+    """What the build stage installed is requirements/server.lock, pin for pin, plus vitserve itself
+    (and the venv's own pip/setuptools): nothing resolved at build time."""
+    python = image.emulator.inside("/opt/vitserve/bin/python")
+    listing = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format", "json"], cwd=image.emulator.inside("/tmp"),
+        env=image.emulator.env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    installed = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listing)}
+    lock = (REPO / "requirements" / "server.lock").read_text()
+    pins = {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, flags=re.M)}
+    assert installed.pop("vitserve") == "0.1.0"
+    for tool in ("pip", "setuptools"):  # the venv's own, from ensurepip
+        installed.pop(tool, None)
+    assert installed == pins
 
 
 def test_server_is_ready_and_classifies(running: Running) -> None:
