@@ -73,10 +73,16 @@ class Verdict:
     reason: str = ""  # why held back
     findings: list[str] = field(default_factory=list)  # advisories: "name==version: ID (fixed in ...)"
     problems: list[str] = field(default_factory=list)  # anything else that fails the audit
+    stale: list[str] = field(default_factory=list)  # a newer release is out: the lock needs regenerating
 
     @property
     def ok(self) -> bool:
-        return self.status != "not audited" and not self.findings and not self.problems
+        return self.sound and not self.stale
+
+    @property
+    def sound(self) -> bool:
+        """No advisory and nothing wrong with the pin itself; staleness (a new upstream release) aside."""
+        return not self.findings and not self.problems
 
 
 def read_lock(path: Path) -> list[Pin]:
@@ -176,12 +182,12 @@ def judge(pin: Pin, project: Mapping[str, Any], ignored: set[str], held: Mapping
                 if _supports(fs, pin.python)
             ]
             if newer:
-                verdict.problems.append(
+                verdict.stale.append(
                     f"{key}: {max(newer)} is out for Python {pin.python}: regenerate the lock"
                 )
         else:
             verdict.status = "not audited"
-            verdict.problems.append(
+            verdict.stale.append(
                 f"{pin.name}=={pin.version}: not audited by this source (its data is for {latest}): "
                 f"regenerate the lock, or list {key} in {HELD_BACK.name} with the reason"
             )
@@ -246,7 +252,7 @@ def report(verdicts: list[Verdict], seconds: float) -> str:
     ]
     lines += [f"  held back: {v.name}=={v.version} (latest {v.latest}): {v.reason}" for v in verdicts
               if v.status == "held back"]  # fmt: skip
-    failing = [line for v in verdicts for line in (*v.findings, *v.problems)]
+    failing = [line for v in verdicts for line in (*v.findings, *v.problems, *v.stale)]
     lines += [f"  FAIL {line}" for line in failing] or ["  no finding"]
     return "\n".join(lines)
 

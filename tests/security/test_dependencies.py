@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -143,7 +144,7 @@ def test_audit_ignores_withdrawn_advisories() -> None:
 def test_audit_says_a_pin_behind_the_latest_is_not_audited() -> None:
     verdict = audit_lock.judge(pin_of(ecdsa(), "0.19.1"), ecdsa(), ignored={"CVE-2024-23342"}, held={})
     assert verdict.status == "not audited" and not verdict.ok
-    assert any("not audited by this source" in p and "0.19.2" in p for p in verdict.problems)
+    assert any("not audited by this source" in p and "0.19.2" in p for p in verdict.stale) and verdict.sound
 
 
 def test_a_held_back_pin_passes_but_still_carries_the_latest_release_advisories() -> None:
@@ -173,7 +174,9 @@ def test_a_held_back_pin_fails_once_a_newer_release_supports_its_python() -> Non
     assert audit_lock.judge(pin_of(project, "2.4.6"), project, set(), held).ok
     project = numpy_like(("2.4.6", ">=3.11"), ("2.4.7", ">=3.11"), ("2.5.5", ">=3.12"))
     verdict = audit_lock.judge(pin_of(project, "2.4.6"), project, set(), held)
-    assert verdict.problems == ["numpy==2.4.6: 2.4.7 is out for Python 3.11: regenerate the lock"]
+    assert verdict.sound and verdict.stale == [
+        "numpy==2.4.6: 2.4.7 is out for Python 3.11: regenerate the lock"
+    ]
     # the same pin compiled for 3.12 would be behind 2.5.5 for no reason
     assert not audit_lock.judge(pin_of(project, "2.4.6", python="3.12"), project, set(), held).ok
 
@@ -236,9 +239,14 @@ def test_locks_have_no_known_vulnerability_in_pypi_project_data() -> None:
         pytest.skip(f"PyPI's project JSON not reachable, locks not audited: {exc}")
     summary = audit_lock.report(verdicts, time.monotonic() - start)
     assert sum(v.status == "audited" for v in verdicts) > len(verdicts) // 2, summary
-    assert all(v.ok for v in verdicts), (
+    assert all(v.sound for v in verdicts), (
         "the lock audit failed (SECURITY.md, Dependencies, says what to do):\n" + summary
     )
+    # A release published upstream since the lock was made leaves that pin unaudited by this source: said
+    # loudly, but not a CI failure on a change that has nothing to do with dependencies (`make audit`,
+    # the scheduled check, fails on it).
+    for line in (line for v in verdicts for line in v.stale):
+        warnings.warn(f"lock audit: {line}", stacklevel=1)
 
 
 # ---- pip-audit, where PyPI's per-release data answers ---------------------------------------------------
