@@ -28,7 +28,7 @@ class OrtModel:
     """One CPU session, set up as vitserve's defaults set theirs up (`server.runtime._open`).
 
     intra-op = cores, inter-op = 1, graph optimisation ALL, and idle workers that sleep rather than
-    spin: with spinning on (ORT's default) the limit ran 1.4-1.9x slower per image than the server's
+    spin: with spinning on (ORT's default) the limit ran 1.2-1.8x slower per image than the server's
     own session whenever anything else used a core (measured on the 2-core development machine).
     """
 
