@@ -19,7 +19,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFilter, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
 from server.model_config import Preprocess
@@ -170,15 +170,39 @@ def train_preprocess(spec: Preprocess) -> Preprocess:
 
 
 class TrainTransform:
-    """Random resized crop (+ rotation, + flip) straight to (H, W), then the server's normalisation."""
+    """Random resized crop to (H, W) with the server's filter, a random affine warp (rotation, shear, zoom,
+    shift) at that size, a flip; then the server's normalisation.
+
+    The warp runs on the resized crop, not on the source: an 8x8 digit is upsampled exactly as the server
+    does it and then rotated at 32 px (rotating the 8x8 original first would smear it), and with every
+    range at 0 the pixels are exactly the server's.
+    """
 
     def __init__(
-        self, hw: tuple[int, int], spec: Preprocess, *, scale, ratio, rotate: float, hflip: bool
+        self,
+        hw: tuple[int, int],
+        spec: Preprocess,
+        *,
+        scale,
+        ratio,
+        rotate: float,
+        hflip: bool,
+        shear: float = 0.0,
+        zoom: float = 0.0,
+        translate: float = 0.0,
+        elastic: float = 0.0,
+        thickness: float = 0.0,
     ) -> None:
         self.hw, self.spec, self.norm_spec = tuple(hw), spec, train_preprocess(spec)
+        self.elastic, self.thickness = elastic, thickness
         self.scale, self.log_ratio = tuple(scale), (math.log(ratio[0]), math.log(ratio[1]))
         self.rotate, self.hflip = rotate, hflip
+        self.shear, self.zoom, self.translate = shear, zoom, translate
         self.filter = Image.Resampling[spec.interpolation.upper()]
+
+    @property
+    def warps(self) -> bool:
+        return bool(self.rotate or self.shear or self.zoom or self.translate)
 
     def crop_box(
         self, width: int, height: int, rng: np.random.Generator
@@ -193,12 +217,62 @@ class TrainTransform:
                 return x0, y0, x0 + w, y0 + h
         return 0.0, 0.0, float(width), float(height)
 
+    def warp_matrix(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(A, shift): the linear part mapping output offsets from the centre to input offsets, and a shift
+        as a fraction of the size. Angles in degrees, shear as a slope, zoom as a log-scale range."""
+        theta = math.radians(rng.uniform(-self.rotate, self.rotate))
+        slope = rng.uniform(-self.shear, self.shear)
+        zoom = math.exp(rng.uniform(-self.zoom, self.zoom))
+        shift = rng.uniform(-self.translate, self.translate, size=2)
+        cos, sin = math.cos(theta), math.sin(theta)
+        a = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, slope], [0.0, 1.0]]) / zoom
+        return a, shift
+
+    def warp(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """`img` (already at the output size) rotated, sheared, zoomed and shifted about its centre."""
+        a, shift = self.warp_matrix(rng)
+        centre = np.array([img.width / 2, img.height / 2])
+        offset = centre * (1 + 2 * shift) - a @ centre  # output pixel -> source pixel: a @ p + offset
+        coeffs = (a[0, 0], a[0, 1], offset[0], a[1, 0], a[1, 1], offset[1])
+        return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=self.filter)
+
+    def reweigh(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """Thicker or thinner strokes: a blend towards the 3x3 max (t > 0) or min (t < 0) of the image."""
+        t = rng.uniform(-self.thickness, self.thickness)
+        grown = img.filter(ImageFilter.MaxFilter(3) if t > 0 else ImageFilter.MinFilter(3))
+        return Image.blend(img, grown, abs(t))
+
+    def distort(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """An elastic distortion: a smooth random displacement field of up to `elastic` output pixels
+        (random offsets on a 4x4 grid, interpolated bicubically), sampled bilinearly, black outside."""
+        h, w = img.height, img.width
+        coarse = rng.uniform(-self.elastic, self.elastic, size=(2, 4, 4)).astype(np.float32)
+        dy, dx = (
+            np.asarray(Image.fromarray(c, "F").resize((w, h), Image.Resampling.BICUBIC)) for c in coarse
+        )
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        y, x = yy + dy, xx + dx
+        y0, x0 = np.floor(y).astype(int), np.floor(x).astype(int)
+        fy, fx = (y - y0)[..., None], (x - x0)[..., None]
+        src = np.pad(np.asarray(img, dtype=np.float32), ((1, 1), (1, 1), (0, 0)))  # black border
+
+        def at(yi: np.ndarray, xi: np.ndarray) -> np.ndarray:
+            return src[np.clip(yi + 1, 0, h + 1), np.clip(xi + 1, 0, w + 1)]
+
+        out = (at(y0, x0) * (1 - fx) + at(y0, x0 + 1) * fx) * (1 - fy)
+        out += (at(y0 + 1, x0) * (1 - fx) + at(y0 + 1, x0 + 1) * fx) * fy
+        return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
     def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
         img = img.convert("RGB")
-        if self.rotate:
-            img = img.rotate(rng.uniform(-self.rotate, self.rotate), Image.Resampling.BILINEAR)
         box = self.crop_box(*img.size, rng)
         img = img.resize((self.hw[1], self.hw[0]), self.filter, box=box)
+        if self.warps:
+            img = self.warp(img, rng)
+        if self.thickness:
+            img = self.reweigh(img, rng)
+        if self.elastic:
+            img = self.distort(img, rng)
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return preprocess_image(img, self.hw, self.norm_spec)

@@ -1,10 +1,10 @@
 """`python -m training demo --repo model_repo`: build the bundled demo models (`make demo-model`).
 
-1. pre-train a small ViT (patch 8, width 128, depth 6) on `synthetic` (96 classes: glyphs and
-   shape-textures) at 24 px, i.e. a 3x3 token grid;
+1. pre-train a small ViT (patch 8, width 128, depth 6) on `synthetic` (232 classes: 200 digit-like
+   glyphs and the 32 shape-textures) at 24 px, i.e. a 3x3 token grid;
 2. fine-tune it on `digits` at 32 px (4x4 grid): a higher resolution, so the position embeddings are
-   interpolated, and a fresh zero-initialised linear head; the paper's SGD recipe;
-3. train the same architecture on digits from scratch, same epochs and data, AdamW (its best recipe);
+   interpolated, and a fresh zero-initialised linear head;
+3. train the same architecture on digits from scratch: same recipe, epochs and data;
 4. score the fine-tuned model on the held-out digits at 24-48 px, and record those as validated;
 5. export the fine-tuned model as `vit-demo` (+ fp16 and int8 variants) and the pre-trained one as
    `vit-synthetic`, and score `vit-demo`'s ONNX graph on the 359 held-out digits as the server runs it.
@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 RESULTS = "demo_results.json"
 
 ARCH = dict(patch_size=8, embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0)
+# 232 classes: all 32 shape-textures and 200 glyphs (digit-like strokes drawn as optdigits were made).
+# Every image is a fresh draw, so no augmentation; evaluated once, at the end.
 PRETRAIN = RunConfig(
     data="synthetic",
-    synthetic_classes=96,
-    synthetic_size=8192,
+    synthetic_classes=232,
+    synthetic_size=20000,
     image_size=(24, 24),
     **ARCH,
     optimizer="adamw",
@@ -51,33 +53,42 @@ PRETRAIN = RunConfig(
     clip_grad=1.0,
     warmup_fraction=0.05,
     schedule="cosine",
-    epochs=20,
+    epochs=16,
     batch_size=128,
     hflip=False,
-    crop_scale=(0.6, 1.0),
-    eval_every=10,
+    crop_scale=(1.0, 1.0),
+    eval_every=16,
 )
-# The paper's fine-tuning recipe: SGD, momentum 0.9, cosine, clipping at 1, no weight decay.
+# Fine-tuning: zero-initialised head, 24 -> 32 px, the writers' variation as augmentation: a small
+# rotation, shear, zoom, a half-pixel-of-8 shift, elastic distortion and stroke-weight jitter; no crops
+# (a digit fills its frame). Chosen on training digits only (the test split was not used): AdamW beat the
+# paper's SGD (momentum 0.9, lr 0.01-0.03) for this model on the tail of the training split, 99.7% vs
+# 97.6-97.9%; trained on the first 575 and scored on the other 863 (other writers), elastic + stroke
+# weight cut the errors from 24 to 12-21 (two seeds).
 FINETUNE = RunConfig(
     data="digits",
     image_size=(32, 32),
-    optimizer="sgd",
-    lr=0.03,
-    momentum=0.9,
-    weight_decay=0.0,
-    label_smoothing=0.0,
+    optimizer="adamw",
+    lr=1e-3,
+    weight_decay=0.05,
+    label_smoothing=0.1,
     clip_grad=1.0,
     warmup_fraction=0.05,
     schedule="cosine",
-    epochs=40,
-    batch_size=64,
+    epochs=60,
+    batch_size=32,
     hflip=False,
-    crop_scale=(0.6, 1.0),
+    crop_scale=(1.0, 1.0),
     rotate=10.0,
+    shear=0.1,
+    zoom=0.08,
+    translate=0.0625,
+    elastic=2.5,
+    thickness=0.7,
     **ARCH,
 )
-# The baseline gets its own best recipe (AdamW beats SGD from scratch) and the same epochs and data.
-SCRATCH = FINETUNE.replace(optimizer="adamw", lr=1e-3, weight_decay=0.05)
+# The baseline: the same architecture, recipe, epochs and data, from a random initialisation.
+SCRATCH = FINETUNE
 QUICK = dict(synthetic_size=256, epochs=1, batch_size=32, embed_dim=32, depth=2, num_heads=2)
 QUICK_FINETUNE = {k: v for k, v in QUICK.items() if k != "synthetic_size"}
 

@@ -1,11 +1,14 @@
 """A procedurally generated image set to pre-train on when no large data set is at hand.
 
-96 classes of two kinds. 64 *glyphs*: each a fixed random polyline, drawn with a random affine warp,
-jitter and stroke width, like a handwritten character in an unknown alphabet. 32 *shape-texture* pairs:
-8 shapes (disk, ring, square, frame, triangle, cross, diamond, bar) x 4 textures (solid, horizontal or
-vertical stripes, checker). Everything else is nuisance the model must learn to ignore: position, size,
-rotation, stroke width, colours (a bright foreground of random hue on a dark background, the polarity
-of the digits) and background noise.
+512 classes of two kinds. 480 *glyphs*: each a fixed random set of one to three strokes (arcs of ellipses
+and polylines), like a character of an unknown alphabet, written each time with a random slant, shear,
+stretch, jitter and pen width, size-normalised and drawn the way the UCI optdigits (scikit-learn's
+`digits`) were made: a 32x32 1-bit bitmap counted in 4x4 blocks to an 8x8 image of 0-16 ink levels, white
+on black. The training transform then brings them to the model's size exactly as the server resizes an
+upload. 32 *shape-texture* pairs: 8 shapes (disk, ring, square, frame, triangle, cross, diamond, bar) x 4
+textures (solid, horizontal or vertical stripes, checker), drawn at the model's size, with position, size,
+rotation, colours (a bright foreground of random hue on a dark background) and background noise as the
+nuisance to ignore.
 
 Image `i` of a split is a pure function of (seed, split, i), so the set is deterministic, needs no
 disk, and any worker can draw any image.
@@ -24,13 +27,14 @@ SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges at small sizes
 
 
-GLYPHS = 64  # stroke classes: a fixed random polyline each, drawn like a handwritten character
+GLYPHS = 480  # stroke classes: a fixed random set of strokes each, written like a handwritten character
+BITMAP, CELL = 32, 4  # optdigits: a 32x32 bitmap, ink counted in 4x4 cells -> 8x8 levels 0-16
 
 
 def _all_names() -> list[str]:
     """Glyphs and shape-texture classes interleaved 2:1, so any prefix holds both kinds."""
     shapes = [f"{shape}-{texture}" for texture in TEXTURES for shape in SHAPES]
-    glyphs = [f"glyph-{i:02d}" for i in range(GLYPHS)]
+    glyphs = [f"glyph-{i:03d}" for i in range(GLYPHS)]
     names = []
     while shapes or glyphs:
         names += glyphs[:2] + shapes[:1]
@@ -42,7 +46,7 @@ ALL_NAMES = _all_names()
 
 
 def class_names(num_classes: int) -> list[str]:
-    """The first `num_classes` labels (of 96: 64 glyphs and 32 shape-texture pairs)."""
+    """The first `num_classes` labels (of 512: 480 glyphs and 32 shape-texture pairs)."""
     if not 2 <= num_classes <= len(ALL_NAMES):
         raise ValueError(f"synthetic data has 2 to {len(ALL_NAMES)} classes, got {num_classes}")
     return ALL_NAMES[:num_classes]
@@ -106,40 +110,54 @@ def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return fg, bg
 
 
-def glyph_prototype(glyph: int) -> list[tuple[float, float]]:
-    """The class's polyline in the unit square: 3-6 points, fixed by the glyph number alone."""
+def glyph_prototype(glyph: int) -> list[np.ndarray]:
+    """The class's strokes in the unit square, each an (n, 2) polyline, fixed by the glyph number alone."""
     rng = np.random.default_rng([7919, glyph])
-    points = rng.uniform(0.12, 0.88, size=(int(rng.integers(3, 6)), 2))
-    return [tuple(p) for p in points]
+    strokes = []
+    for _ in range(int(rng.integers(1, 4))):
+        if rng.random() < 0.45:  # an arc of an ellipse
+            centre, radii = rng.uniform(0.3, 0.7, size=2), rng.uniform(0.12, 0.35, size=2)
+            start = rng.uniform(0, 2 * math.pi)
+            t = np.linspace(start, start + rng.uniform(0.8, 2 * math.pi), 12)
+            strokes.append(centre + radii * np.stack([np.cos(t), np.sin(t)], axis=1))
+        else:
+            strokes.append(rng.uniform(0.1, 0.9, size=(int(rng.integers(2, 5)), 2)))
+    return strokes
 
 
-def _glyph_mask(glyph: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """The glyph's strokes after a random affine warp and per-point jitter, as an 'L' mask."""
-    pts = np.asarray(glyph_prototype(glyph)) - 0.5
-    angle, scale = rng.uniform(-0.15, 0.15), rng.uniform(0.8, 1.05)
-    shear = rng.uniform(-0.1, 0.1)
-    warp = scale * np.array([[math.cos(angle), -math.sin(angle) + shear], [math.sin(angle), math.cos(angle)]])
-    pts = pts @ warp.T + rng.normal(0, 0.015, size=pts.shape) + 0.5 + rng.uniform(-0.06, 0.06, size=2)
-    pts = [(float(x) * size, float(y) * size) for x, y in pts]
-    width = max(2, round(size * rng.uniform(0.07, 0.13)))
-    mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(mask)
-    draw.line(pts, fill=255, width=width, joint="curve")
-    for x, y in (pts[0], pts[-1]):  # round stroke ends
-        draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=255)
-    return mask
+def _glyph_levels(glyph: int, rng: np.random.Generator) -> np.ndarray:
+    """One written instance of the glyph as optdigits would store it: (8, 8) ink levels 0-16."""
+    angle, slope = rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25)
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    warp = rotation @ np.array([[1.0, slope], [0.0, 1.0]]) @ np.diag(np.exp(rng.uniform(-0.15, 0.15, size=2)))
+    strokes = [(s - 0.5) @ warp.T + rng.normal(0, 0.025, size=s.shape) for s in glyph_prototype(glyph)]
+    points = np.concatenate(strokes)
+    low, high = points.min(axis=0), points.max(axis=0)
+    scale = rng.uniform(24, 30) / max(float((high - low).max()), 1e-3)  # size-normalised, aspect kept
+    offset = BITMAP / 2 - (low + high) / 2 * scale + rng.uniform(-1.5, 1.5, size=2)
+    pen = rng.uniform(2.5, 5.0)
+    bitmap = Image.new("1", (BITMAP, BITMAP), 0)
+    draw = ImageDraw.Draw(bitmap)
+    for stroke in strokes:
+        pts = [(float(x), float(y)) for x, y in stroke * scale + offset]
+        draw.line(pts, fill=1, width=round(pen), joint="curve")
+        for x, y in (pts[0], pts[-1]):  # round pen ends
+            draw.ellipse((x - pen / 2, y - pen / 2, x + pen / 2, y + pen / 2), fill=1)
+    bits = np.asarray(bitmap, dtype=np.uint8)
+    side = BITMAP // CELL
+    return bits.reshape(side, CELL, side, CELL).sum(axis=(1, 3))  # (8, 8), 0-16
 
 
 def render(class_index: int, size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw one RGB image of class `class_index` (an index into `class_names(96)`)."""
+    """Draw one RGB image of class `class_index` (an index into `class_names(512)`): a glyph at 8x8
+    (white on black, as the digits), a shape-texture at `size` x `size`."""
     name = ALL_NAMES[class_index]
-    big = size * SUPERSAMPLE
     if name.startswith("glyph-"):
-        mask, texture = _glyph_mask(int(name[6:]), big, rng), "solid"
-    else:
-        shape, texture = name.split("-")
-        mask = _mask(shape, big, rng)
-    inside = np.asarray(mask, dtype=np.float32)[..., None] / 255.0  # (S, S, 1)
+        levels = _glyph_levels(int(name[6:]), rng)
+        return Image.fromarray(np.round(levels * 255.0 / 16.0).astype(np.uint8), "L").convert("RGB")
+    big = size * SUPERSAMPLE
+    shape, texture = name.split("-")
+    inside = np.asarray(_mask(shape, big, rng), dtype=np.float32)[..., None] / 255.0  # (S, S, 1)
     pattern = _texture(texture, big, rng)[..., None]
     fg, bg = _colours(rng)
     stripe = bg * 0.35 + fg * 0.65 if texture != "solid" else fg

@@ -184,6 +184,11 @@ class Loop:
             ratio=cfg.crop_ratio,
             rotate=cfg.rotate,
             hflip=cfg.hflip,
+            shear=cfg.shear,
+            zoom=cfg.zoom,
+            translate=cfg.translate,
+            elastic=cfg.elastic,
+            thickness=cfg.thickness,
         )
         in_memory = cfg.data in ("digits", "synthetic")
         dataset = ImageDataset(job.train_source, transform, seed=cfg.seed, cache_images=in_memory)
