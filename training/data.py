@@ -170,8 +170,9 @@ def train_preprocess(spec: Preprocess) -> Preprocess:
 
 
 class TrainTransform:
-    """Random resized crop to (H, W) with the server's filter, a random affine warp (rotation, shear, zoom,
-    shift) at that size, a flip; then the server's normalisation.
+    """Random resized crop to (H, W) with the server's filter; then at that size a random affine warp
+    (rotation, shear, zoom, shift), stroke-weight jitter, an elastic distortion and a flip, each off at 0;
+    then the server's normalisation.
 
     The warp runs on the resized crop, not on the source: an 8x8 digit is upsampled exactly as the server
     does it and then rotated at 32 px (rotating the 8x8 original first would smear it), and with every
