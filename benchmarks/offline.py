@@ -3,6 +3,11 @@
 Three figures per model: the best images/s over batch sizes on ready tensors; the same batch with
 decoding and preprocessing included (the server's own `server.preprocess.prepare`, on a thread pool
 as wide as the machine); and one image end to end at batch 1, the floor for a lone request's latency.
+
+The first two are measured twice: one session on every core (one call at a time, as most servers
+run ORT), and lanes, one single-threaded session called from one thread per core at once (as
+vitserve runs a busy version, `server.runtime`), each lane decoding its own batch and running it.
+The limit is the better of the two.
 """
 
 from __future__ import annotations
@@ -94,6 +99,42 @@ def decode_included(
             model.run(np.stack(list(pool.map(decode, payloads))))
 
         return batch / statistics.median(_durations(step, min_seconds))
+
+
+def lanes_sweep(
+    model: OrtModel, tensors: np.ndarray, batch_sizes: list[int], min_seconds: float, lanes: int
+) -> dict:
+    """images/s at each batch size with `lanes` threads each running a batch at once, and the best."""
+    per_batch = {}
+    with ThreadPoolExecutor(lanes) as pool:
+        for b in batch_sizes:
+            batch = np.ascontiguousarray(np.resize(tensors, (b, *tensors.shape[1:])))
+
+            def step(batch: np.ndarray = batch) -> None:
+                for done in [pool.submit(model.run, batch) for _ in range(lanes)]:
+                    done.result()
+
+            per_batch[b] = lanes * b / statistics.median(_durations(step, min_seconds))
+    best = max(per_batch, key=per_batch.get)
+    return {"lanes": lanes, "per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best]}
+
+
+def lanes_decode_included(
+    model: OrtModel, images: list[EncodedImage], decode: Decoder, batch: int, min_seconds: float, lanes: int
+) -> float:
+    """images/s when each of `lanes` threads decodes a batch of its own and runs it, all at once."""
+    payloads = [images[i % len(images)].data for i in range(batch)]
+
+    def lane() -> None:
+        model.run(np.stack([decode(p) for p in payloads]))
+
+    with ThreadPoolExecutor(lanes) as pool:
+
+        def step() -> None:
+            for done in [pool.submit(lane) for _ in range(lanes)]:
+                done.result()
+
+        return lanes * batch / statistics.median(_durations(step, min_seconds))
 
 
 def single_image(model: OrtModel, images: list[EncodedImage], decode: Decoder, calls: int) -> dict:

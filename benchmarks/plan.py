@@ -10,10 +10,11 @@ from benchmarks.loadgen import LoadSpec
 SECTIONS = ("peak", "offline", "http-floor", "naive-torch", "litserve", "rayserve", "vitserve")
 
 # vitserve settings this suite recommends for a small CPU machine, measured against the defaults.
-# `max_batch_size` is added per run: ONNX Runtime's best batch size measured on this machine (a
-# larger batch only adds queueing once the cores are busy). 2 ms gathers a batch while one runs.
-# A queue of 48 images bounds what an accepted request waits under overload to about 1.5x the
-# wait of a 32-client closed loop, so the excess is refused at once with 503 instead.
+# The batch size and lanes are left to the start-up sweep (a fixed batch size, ORT's best offline
+# on one session, ran slower than the sweep's choice in the server: 15.3 vs 17.1 images/s on 2
+# cores, 2026-12-01). 2 ms gathers a batch while one runs. A queue of 48 images bounds what an
+# accepted request waits under overload to about 1.5x the wait of a 32-client closed loop, so the
+# excess is refused at once with 503 instead.
 TUNED_SETTINGS: dict[str, str] = {
     "max_queue_delay_ms": "2",
     "queue_capacity": "48",

@@ -90,6 +90,14 @@ class Suite:
             ),
             "single_image": offline.single_image(ort_model, images, decode, plan.single_image_calls),
         }  # fmt: skip
+        cores = os.cpu_count() or 1
+        if cores > 1:
+            narrow = offline.OrtModel(built.onnx_path(variant), cfg, threads=1)
+            lanes = offline.lanes_sweep(narrow, tensors, list(plan.batch_sizes), plan.offline_seconds, cores)
+            lanes["decode_images_per_s"] = offline.lanes_decode_included(
+                narrow, images, decode, lanes["best_batch"], plan.offline_seconds, cores
+            )
+            row["lanes"] = lanes
         if variant != "fp32":
             reference = offline.OrtModel(built.onnx_path("fp32"), cfg)
             fresh = image_set(plan.main_kind, plan.agreement_images, seed=7)  # not the timed images
@@ -143,7 +151,7 @@ class Suite:
             server = servers.vitserve(repo, name, "auto", providers=plan.providers)
             self.measure(server, model, "auto", [*plan.basic_points(), plan.closed_point(256)])
             return
-        settings = {**TUNED_SETTINGS, "max_batch_size": str(self.contender_batch())}
+        settings = dict(TUNED_SETTINGS)
         tuned = {"settings": settings}
         defaults = servers.vitserve(repo, name, "fp32")
         self.measure(defaults, model, "fp32", plan.basic_points() + plan.overload_points())

@@ -33,6 +33,11 @@ def _limit(results: dict) -> dict | None:
     return None
 
 
+def limit_decode_images_per_s(row: dict) -> float:
+    """The decode-included limit: the better of one session on every core and lanes (if measured)."""
+    return max(row["decode_images_per_s"], row.get("lanes", {}).get("decode_images_per_s", 0.0))
+
+
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "**missed**")
 
@@ -47,8 +52,9 @@ def throughput_targets(results: dict, sat: str) -> list[dict]:
         row = _server_row(results, key, sat)
         ips = row["images_per_s"] if row else None
         if limit and ips is not None:
-            ratio = ips / limit["decode_images_per_s"]
-            fig = f"{ips:.1f} vs limit {limit['decode_images_per_s']:.1f} images/s = {ratio:.0%}"
+            best_limit = limit_decode_images_per_s(limit)
+            ratio = ips / best_limit
+            fig = f"{ips:.1f} vs limit {best_limit:.1f} images/s = {ratio:.0%}"
             out.append({"target": f"{label}: saturated ≥ 90% of decode-included limit", "figure": fig,
                         "verdict": _verdict(ratio >= 0.9)})  # fmt: skip
         if best and ips is not None:

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 2
-    # One process: the metrics live in it, and threads (decode pool, one inference thread per
-    # model version) give the parallelism, since Pillow and ONNX Runtime release the GIL.
+    # One process: the metrics live in it, and threads (decode pool, inference threads per lane of
+    # each model version) give the parallelism, since Pillow and ONNX Runtime release the GIL.
     uvicorn.run(app, workers=1, **uvicorn_options(settings))
     return 0
 

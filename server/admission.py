@@ -6,12 +6,14 @@ request at once when the work already ahead of it would take longer than a bound
 
 * `ServiceTime` is an exponentially weighted mean of seconds per image at the native resolution,
   from each batch's run time over its size; a batch of n images counts as n observations, so full
-  batches (what an overloaded server runs) dominate. It is seeded by the start-up measurement.
-  Images at other resolutions are weighted by their relative cost (`relative_cost`).
-* The wait of a new image is the remaining time of the running batch plus the service time of every
-  image admitted or queued before it. A request is refused when that exceeds `WaitBound.seconds`:
-  `max_queue_wait_ms` when set, else the time of `FULL_BATCHES` full batches or of `MIN_IMAGES`
-  images at the request's resolution, whichever is longer, kept between `MIN_WAIT_S` and
+  batches (what an overloaded server runs) dominate. A batch that ran on one of k lanes at once
+  (`server.batcher`) counts a k-th of its time: what the server spends per image. It is seeded by
+  the start-up measurement. Images at other resolutions are weighted by their relative cost
+  (`relative_cost`).
+* The wait of a new image is the remaining time of the running batch that ends first plus the
+  service time of every image admitted or queued before it. A request is refused when that exceeds
+  `WaitBound.seconds`: `max_queue_wait_ms` when set, else the time of `FULL_BATCHES` full batches or
+  of `MIN_IMAGES` images at the request's resolution, whichever is longer, kept between `MIN_WAIT_S` and
   `MAX_WAIT_S` and within the request timeout (past it, the image would only be answered 504
   later). A request with nothing ahead of it is never refused. Retry-After is the estimated time
   until the excess has drained.
@@ -23,9 +25,10 @@ quiet and on a busy machine, for a tiny model and for ViT-L: the clock only clam
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.errors import QueueFullError
 from server.model_config import ModelConfig
@@ -64,8 +67,8 @@ def relative_cost(config: ModelConfig, hw: tuple[int, int]) -> float:
 
 
 class ServiceTime:
-    """Seconds per native-resolution image, an EWMA over executed batches (thread-safe enough:
-    one writer, the inference thread; readers see one float at a time)."""
+    """Seconds per native-resolution image, an EWMA over executed batches (writers serialise through
+    `AdmissionControl`; readers see one float at a time)."""
 
     def __init__(self, seconds_per_image: float, alpha_per_image: float = ALPHA_PER_IMAGE) -> None:
         if seconds_per_image <= 0:
@@ -108,10 +111,21 @@ class WaitBound:
         return min(derived, self.timeout_s)
 
 
+@dataclass(eq=False)
+class RunningBatch:
+    """A batch in flight: its size in native-image units, how many ran beside it, and its timing."""
+
+    units: float
+    parallel: int
+    expected_s: float
+    start: float = field(default_factory=time.monotonic)
+
+
 class AdmissionControl:
     """The batcher's time-based admission: it reports batches starting and ending, and asks `check`.
 
-    Called under the batcher's lock (one thread at a time); `observe` runs on the inference thread.
+    `check` is called under the batcher's lock; `started` and `finished` come from the inference
+    threads (one per lane) and serialise on a lock of their own.
     """
 
     def __init__(self, service: ServiceTime, bound: WaitBound, cost: Cost | None = None) -> None:
@@ -119,7 +133,8 @@ class AdmissionControl:
         self.bound = bound
         self._cost = cost or (lambda hw: 1.0)
         self._costs: dict[tuple[int, int], float] = {}
-        self._running: tuple[float, float] | None = None  # (start, expected seconds)
+        self._running: list[RunningBatch] = []
+        self._lock = threading.Lock()
 
     def units(self, hw: tuple[int, int], count: int) -> float:
         """`count` images at `hw` in native-image equivalents."""
@@ -129,11 +144,11 @@ class AdmissionControl:
         return count * cost
 
     def wait_s(self, ahead: Iterable[tuple[tuple[int, int], int]]) -> float:
-        """Estimated wait of a new image behind the running batch and `ahead` ((hw, images) pairs)."""
-        left = 0.0
-        if self._running is not None:
-            start, expected = self._running
-            left = expected - (time.monotonic() - start)
+        """Estimated wait of a new image behind the running batches and `ahead` ((hw, images) pairs)."""
+        with self._lock:
+            running = list(self._running)
+        now = time.monotonic()
+        left = min((b.expected_s - (now - b.start) for b in running), default=0.0)
         return self.service.wait_s(sum(self.units(hw, n) for hw, n in ahead), left)
 
     def check(self, hw: tuple[int, int], ahead: Iterable[tuple[tuple[int, int], int]]) -> None:
@@ -147,14 +162,17 @@ class AdmissionControl:
             err.retry_after_s = max(1, math.ceil(wait - bound))  # when the excess should have drained
             raise err
 
-    def started(self, hw: tuple[int, int], count: int) -> float:
-        """A batch of `count` images at `hw` starts; returns its size in native-image units."""
+    def started(self, hw: tuple[int, int], count: int, parallel: int = 1) -> RunningBatch:
+        """A batch of `count` images at `hw` starts, one of `parallel` running at once."""
         units = self.units(hw, count)
-        self._running = (time.monotonic(), units * self.service.per_image_s)
-        return units
+        batch = RunningBatch(units, parallel, units * self.service.per_image_s * parallel)
+        with self._lock:
+            self._running.append(batch)
+        return batch
 
-    def finished(self, seconds: float | None, units: float) -> None:
-        """The running batch ended after `seconds` (None: it failed, so its time says nothing)."""
-        self._running = None
-        if seconds is not None:
-            self.service.observe(seconds, units)
+    def finished(self, batch: RunningBatch, seconds: float | None) -> None:
+        """`batch` ended after `seconds` (None: it failed, so its time says nothing)."""
+        with self._lock:
+            self._running.remove(batch)
+            if seconds is not None:
+                self.service.observe(seconds / batch.parallel, batch.units)

@@ -44,6 +44,7 @@ def create_app(settings: Settings) -> FastAPI:
         variant=settings.variant,
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
+        instances=min(settings.instances, settings.intra_op_threads),
         max_batch_size=settings.max_batch_size,
         trt_cache_dir=settings.trt_cache_dir,
     )

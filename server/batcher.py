@@ -1,4 +1,4 @@
-"""Dynamic batching: one queue per (model version, resolution), one inference thread per model version.
+"""Dynamic batching: one queue per (model version, resolution), one inference thread per lane.
 
 Policy (also in the README):
 
@@ -12,11 +12,15 @@ Policy (also in the README):
   is queued and more items for that resolution are already admitted but still being decoded, the
   executor waits for them until the batch is full, they have all arrived, or the oldest queued
   item has waited `max_queue_delay`.
+* Lanes (CPU, `instances` > 1): up to that many batches run at once, one per inference thread, on
+  the session's lanes (`server.runtime`). A batch taken while nothing else runs and nothing else
+  is queued or being decoded runs alone on every core instead, and no lane starts until it ends: a
+  lone request gets the whole machine, a busy server gets the lanes' throughput.
 * An item whose deadline passes while queued is answered `DeadlineExceededError` (504) and never run;
   an item whose caller went away (task cancelled: client disconnected) is dropped.
 * A batch that raises fails every item in it (`InferenceFailedError`), logged once; the next batch runs.
 
-ONNX Runtime releases the GIL, so the inference thread runs in parallel with the event loop and
+ONNX Runtime releases the GIL, so the inference threads run in parallel with the event loop and
 the decode pool.
 """
 
@@ -164,7 +168,7 @@ class Admission:
 
 
 class Batcher:
-    """Queues, batches and runs images for one model version on its own thread."""
+    """Queues, batches and runs images for one model version on its own threads (one per lane)."""
 
     def __init__(
         self,
@@ -174,11 +178,18 @@ class Batcher:
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
         admission: AdmissionControl | None = None,
+        lanes: int = 1,
+        run_lane: RunBatch | None = None,
     ) -> None:
+        """`run` runs a batch on every core; with `lanes` > 1, `run_lane` runs one of that many at once."""
+        if lanes > 1 and run_lane is None:
+            raise ValueError("lanes > 1 needs run_lane")
         self.model = model
         self.admission = admission  # None: admission by count (queue_capacity) only
         self.policy = policy
+        self.lanes = lanes
         self._run = run
+        self._run_lane = run_lane
         self._metrics = metrics
         self._loop = loop
         self._cond = threading.Condition()
@@ -188,8 +199,13 @@ class Batcher:
         self._depth = 0
         self._reserved = 0
         self._closing = False
-        self._busy = False
-        self._thread = threading.Thread(target=self._serve, name=f"vitserve-infer-{model}", daemon=True)
+        self._busy = False  # work in flight, or just finished with more queued
+        self._running = 0  # batches running now
+        self._alone = False  # the running batch has every core: no lane may start
+        self._threads = [
+            threading.Thread(target=self._serve, name=f"vitserve-infer-{model}-{i}", daemon=True)
+            for i in range(lanes)
+        ]
 
     @property
     def depth(self) -> int:
@@ -197,7 +213,8 @@ class Batcher:
         return self._depth
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def admit(self, hw: tuple[int, int], count: int) -> Admission:
         """Reserve room for `count` images at `hw`, or refuse at once.
@@ -212,7 +229,7 @@ class Batcher:
             try:
                 if self._reserved + self._depth + count > self.policy.queue_capacity:
                     raise QueueFullError()
-                if self.admission is not None and (self._reserved or self._depth or self._busy):
+                if self.admission is not None and (self._reserved or self._depth or self._running):
                     ahead = ((k, n + self._live.get(k, 0)) for k, n in self._expected.items())
                     self.admission.check(hw, ahead)
             except QueueFullError:
@@ -230,12 +247,17 @@ class Batcher:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        if not self._thread.is_alive():
+        if not any(t.is_alive() for t in self._threads):
             return
-        await asyncio.to_thread(self._thread.join, timeout_s)
-        if self._thread.is_alive():
+        await asyncio.to_thread(self._join, timeout_s)
+        if any(t.is_alive() for t in self._threads):
             self._abandon()
-            await asyncio.to_thread(self._thread.join)
+            await asyncio.to_thread(self._join, None)
+
+    def _join(self, timeout_s: float | None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0.0))
 
     # -- queueing: from the event loop or a decode thread ----------------------------------
 
@@ -323,24 +345,43 @@ class Batcher:
 
     def _serve(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            taken = self._next_batch()
+            if taken is None:
                 return
-            self._execute(batch)
+            batch, alone = taken
+            try:
+                self._execute(batch, alone)
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._alone = False
+                    self._cond.notify_all()  # lanes wait for a batch that ran alone
 
-    def _next_batch(self) -> list[_Item] | None:
+    def _next_batch(self) -> tuple[list[_Item], bool] | None:
+        """The next batch, and whether it runs alone on every core (else on a lane)."""
         with self._cond:
             while True:
                 if self._depth == 0:
                     if self._closing and self._reserved == 0:
+                        self._cond.notify_all()  # the other lanes stop too
                         return None
-                    self._busy = False  # nothing in flight: the next arrival goes at once
+                    if self._running == 0:
+                        self._busy = False  # nothing in flight: the next arrival goes at once
+                    self._cond.wait()
+                    continue
+                if self._alone:
                     self._cond.wait()
                     continue
                 hw, wait_s = self._pick(time.monotonic())
                 if hw is not None:
                     self._busy = True
-                    return self._take(hw)
+                    batch = self._take(hw)
+                    alone = self.lanes == 1 or not (self._running or self._depth or self._reserved)
+                    self._running += 1
+                    self._alone = alone
+                    if self._depth and not alone:
+                        self._cond.notify()  # more is queued: an idle lane can take it
+                    return batch, alone
                 self._cond.wait(timeout=wait_s)
 
     def _pick(self, now: float) -> tuple[tuple[int, int] | None, float]:
@@ -377,16 +418,17 @@ class Batcher:
         self._metrics.queue_depth.labels(self.model).dec(len(batch))
         return batch
 
-    def _execute(self, batch: list[_Item]) -> None:
+    def _execute(self, batch: list[_Item], alone: bool) -> None:
         # (N, 3, H, W); a lone image is a view, not a copy
         pixels = batch[0].pixels[None] if len(batch) == 1 else np.stack([item.pixels for item in batch])
         for item in batch:
             item.pixels = None
-        units = self.admission.started(batch[0].hw, len(batch)) if self.admission else 0.0
+        parallel = 1 if alone else self.lanes
+        running = self.admission.started(batch[0].hw, len(batch), parallel) if self.admission else None
         start = time.perf_counter()
         logits: np.ndarray | None
         try:
-            logits = self._run(pixels)
+            logits = self._run(pixels) if alone or self._run_lane is None else self._run_lane(pixels)
             if logits.shape[0] != len(batch):
                 raise RuntimeError(f"graph returned {logits.shape[0]} rows for a batch of {len(batch)}")
         except Exception:
@@ -395,8 +437,8 @@ class Batcher:
             )
             logits = None
         elapsed = time.perf_counter() - start
-        if self.admission is not None:
-            self.admission.finished(None if logits is None else elapsed, units)
+        if self.admission is not None and running is not None:
+            self.admission.finished(running, None if logits is None else elapsed)
         self._metrics.inference.labels(self.model).observe(elapsed)
         self._metrics.batch_size.labels(self.model).observe(len(batch))
         self._call_loop(self._deliver, batch, logits)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -251,16 +252,31 @@ class ModelRepository:
             WaitBound(mv.policy.max_queue_wait_s, mv.policy.max_batch_size, mv.policy.timeout_s),
             partial(relative_cost, mv.config),
         )
-        batcher = Batcher(mv.name, session.run, mv.policy, self.metrics, loop, admission)
+        batcher = Batcher(
+            mv.name, session.run, mv.policy, self.metrics, loop, admission,
+            lanes=session.lanes, run_lane=partial(session.run, lane=True),
+        )  # fmt: skip
         batcher.start()
         return session, batcher
 
     def _choose_batch(self, session: Session, mv: ModelVersion) -> BatchChoice:
-        """Time the native resolution at batch sizes up to the limit (CPU, unless configured)."""
-        limit = mv.policy.max_batch_size
+        """Time the native resolution at batch sizes up to the limit (CPU, unless configured).
+
+        With lanes, every lane runs a batch of the size at once: what the server does when busy.
+        """
+        limit, lanes = mv.policy.max_batch_size, session.lanes
         pixels = np.zeros((limit, 3, *mv.config.image_size), dtype=np.float32)
         tuned = mv.policy.auto_batch_size and not session.on_gpu  # a GPU gains from every size
-        return batch_choice(lambda n: session.run(pixels[:n]), limit, tuned, f"{mv.name} v{mv.version}")
+        name = f"{mv.name} v{mv.version}"
+        if lanes == 1:
+            return batch_choice(lambda n: session.run(pixels[:n]), limit, tuned, name)
+        with ThreadPoolExecutor(lanes, thread_name_prefix="vitserve-tune") as pool:
+
+            def on_every_lane(n: int) -> None:
+                for done in [pool.submit(session.run, pixels[:n], True) for _ in range(lanes)]:
+                    done.result()
+
+            return batch_choice(on_every_lane, limit, tuned, name, lanes=lanes)
 
     async def _unload_version(self, mv: ModelVersion, timeout_s: float | None = None) -> None:
         if mv.state is not ModelState.READY:

@@ -4,6 +4,13 @@ One dynamic graph per model version serves every resolution: besides the pixels 
 position-embedding resampling matrices for the requested token grid (`server.pos_resample`), built
 once per grid and cached, so the weights are held once however many resolutions are served.
 
+On a CPU with `instances` > 1 a version holds a second ORT session of the same graph, its *lanes*:
+`instances` batches run on it at once, each on its caller's thread with `intra_op_threads //
+instances` threads. Concurrent single-threaded runs beat one run split across the cores whenever
+anything else wants a core (decoding, HTTP): a preempted worker stalls a split run at every operator,
+and costs a lane only its own time slice. The first session, on every core, stays for lone batches:
+a request on an idle server gets the lowest latency. The weights are then held twice.
+
 This is the only module that imports onnxruntime; nothing above it knows about ORT.
 """
 
@@ -35,6 +42,7 @@ class RuntimeOptions:
     variant: str = "auto"  # auto | fp32 | fp16 | int8
     intra_op_threads: int = 1
     inter_op_threads: int = 1
+    instances: int = 1  # lanes on CPU (see the module docstring); GPU sessions always have one
     max_batch_size: int = 32
     trt_cache_dir: Path | None = None
 
@@ -69,7 +77,11 @@ def choose_variant(requested: str, version_dir: Path, on_gpu: bool) -> str:
 
 
 class Session:
-    """One loaded model version on ONNX Runtime. `run` is called from one thread at a time."""
+    """One loaded model version on ONNX Runtime.
+
+    `run(pixels)` is called from one thread at a time; `run(pixels, lane=True)` from up to `lanes`
+    threads at once (only when `lanes` > 1).
+    """
 
     def __init__(self, version_dir: Path, config: ModelConfig, options: RuntimeOptions) -> None:
         self.config = config
@@ -84,13 +96,27 @@ class Session:
             self._session = _open(version_dir / VARIANT_FILES["fp32"], config, options)
             self.providers = self._session.get_providers()
         self._names = _check_io(self._session, config)
+        self._lanes: ort.InferenceSession | None = None
+        if options.instances > 1 and not self.on_gpu:
+            narrow = RuntimeOptions(
+                providers=tuple(self.providers),
+                intra_op_threads=max(options.intra_op_threads // options.instances, 1),
+                inter_op_threads=1,
+            )
+            self._lanes = _open(version_dir / VARIANT_FILES[self.variant], config, narrow)
+        self.lanes = options.instances if self._lanes is not None else 1
         self._pixel_dtype = _input_dtype(self._session, self._names.input)
         self._matrix_dtype = _input_dtype(self._session, self._names.pos_rows)
         self._matrices: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        """Logits (N, K) float32 for pixels (N, 3, H, W) float32 at any allowed resolution."""
+    def run(self, pixels: np.ndarray, lane: bool = False) -> np.ndarray:
+        """Logits (N, K) float32 for pixels (N, 3, H, W) float32 at any allowed resolution.
+
+        Args:
+            pixels: The batch.
+            lane: Run on the lanes session (one of `lanes` concurrent runs) rather than on all cores.
+        """
         rows, cols = self._pos_inputs((pixels.shape[2], pixels.shape[3]))
         pixels = pixels.astype(self._pixel_dtype, copy=False)
         if self.on_gpu:
@@ -98,7 +124,8 @@ class Session:
         else:
             names = self._names
             feeds = {names.input: pixels, names.pos_rows: rows, names.pos_cols: cols}
-            out = self._session.run([names.output], feeds)[0]
+            session = self._lanes if lane and self._lanes is not None else self._session
+            out = session.run([names.output], feeds)[0]
         return np.asarray(out, dtype=np.float32)
 
     def _run_bound(self, pixels: np.ndarray, rows: Any, cols: Any) -> np.ndarray:
@@ -132,10 +159,12 @@ class Session:
         """Run each resolution once so the first user request does not pay for first-run set-up."""
         for hw in dict.fromkeys(resolutions):
             for n in batch_sizes:
-                self.run(np.zeros((n, 3, *hw), dtype=np.float32))
+                for lane in (False, True) if self._lanes is not None else (False,):
+                    self.run(np.zeros((n, 3, *hw), dtype=np.float32), lane)
 
     def close(self) -> None:
         self._matrices.clear()
+        self._lanes = None
         del self._session
 
 

@@ -99,6 +99,14 @@ class Settings(BaseSettings):
         default_factory=_cores, ge=1, le=256, description="ONNX Runtime threads within one operator."
     )
     inter_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads across operators.")
+    instances: int = Field(
+        default_factory=_cores,
+        ge=1,
+        le=256,
+        description="Batches one model version runs at once on a CPU, each with intra_op_threads / instances "
+        "threads (a second session; a lone batch still runs on all intra_op_threads). 1: one session, "
+        "one batch at a time. Ignored on a GPU.",
+    )
     image_formats: Annotated[list[str], NoDecode] = Field(
         list(DEFAULT_IMAGE_FORMATS),
         description="Image formats an upload may be, comma-separated, from "

@@ -5,6 +5,9 @@ wait for each other. So unless the operator set a batch size (`--max-batch-size`
 `batching.max_batch_size`), each model version measures its time per image at the native resolution
 while it warms up and takes the smallest batch size within `TOLERANCE` of the best one measured.
 
+With lanes (`server.runtime`), each call runs one batch of the size on every lane at once, and the
+time per image is the call's time over all their images: the rate a busy server gets.
+
 The sweep is bounded: sizes double up to the configured limit, it stops after `PATIENCE` sizes in a
 row that do not improve on the best per-image time by more than `TOLERANCE` (time has started to grow
 linearly; two, so one noisy measurement does not end it), and it does not start a size whose
@@ -30,14 +33,15 @@ MIN_TIMED_S = 0.02  # short calls are repeated until this much was timed: one pr
 
 @dataclass(frozen=True)
 class BatchTiming:
-    """The fastest of the timed runs of one batch size."""
+    """The fastest of the timed runs of one batch size (on each of `lanes` at once)."""
 
     batch_size: int
     seconds: float
+    lanes: int = 1
 
     @property
     def per_image_s(self) -> float:
-        return self.seconds / self.batch_size
+        return self.seconds / (self.batch_size * self.lanes)
 
 
 @dataclass(frozen=True)
@@ -76,24 +80,26 @@ def measure(
     budget_s: float = BUDGET_S,
     tolerance: float = TOLERANCE,
     clock: Callable[[], float] = time.perf_counter,
+    lanes: int = 1,
 ) -> list[BatchTiming]:
     """Time `run(batch_size)` at each size in order, within the budget; stop once it grows linearly.
 
     Args:
-        run: Runs one batch of the given size (e.g. zeros at the native resolution).
+        run: Runs one batch of the given size (e.g. zeros at the native resolution) on each lane.
         sizes: Increasing batch sizes; the first is always measured.
         budget_s: Sizes whose predicted cost (calls x size x best time per image) would overrun
             what is left of this are not started.
         tolerance: `PATIENCE` sizes in a row that do not beat the best time per image by more than
             this end the sweep.
         clock: Seconds, monotonic (a parameter so tests can drive it).
+        lanes: How many batches one `run` call runs at once.
     """
     timings: list[BatchTiming] = []
     started, stale = clock(), 0
     for b in sizes:
         if timings:
             best = min(t.per_image_s for t in timings)
-            call = b * best
+            call = b * lanes * best
             if clock() - started + max(TIMED_CALLS * call, MIN_TIMED_S) > budget_s:
                 break
         calls: list[float] = []
@@ -101,7 +107,7 @@ def measure(
             t0 = clock()
             run(b)
             calls.append(clock() - t0)
-        timing = BatchTiming(b, min(calls))
+        timing = BatchTiming(b, min(calls), lanes)
         improves = not timings or timing.per_image_s < min(t.per_image_s for t in timings) * (1 - tolerance)
         timings.append(timing)
         stale = 0 if improves else stale + 1
@@ -111,13 +117,18 @@ def measure(
 
 
 def tune(
-    run: Callable[[int], object], limit: int, model: str, clock: Callable[[], float] = time.perf_counter
+    run: Callable[[int], object],
+    limit: int,
+    model: str,
+    clock: Callable[[], float] = time.perf_counter,
+    lanes: int = 1,
 ) -> BatchChoice:
     """Measure batch sizes up to `limit`, choose one, and log the table."""
-    timings = measure(run, candidate_sizes(limit), clock=clock)
+    timings = measure(run, candidate_sizes(limit), clock=clock, lanes=lanes)
     chosen = choose_batch_size(timings)
     table = ", ".join(f"{t.batch_size}: {t.per_image_s * 1e3:.2f}" for t in timings)
-    logger.info("%s: ms per image by batch size {%s}; max_batch_size %d", model, table, chosen)
+    on = f" on {lanes} lanes" if lanes > 1 else ""
+    logger.info("%s: ms per image by batch size%s {%s}; max_batch_size %d", model, on, table, chosen)
     return BatchChoice(chosen, "tuned", tuple(timings))
 
 
@@ -127,8 +138,9 @@ def batch_choice(
     tuned: bool,
     model: str,
     clock: Callable[[], float] = time.perf_counter,
+    lanes: int = 1,
 ) -> BatchChoice:
     """`tune` when `tuned`, else keep `limit` and time batch 1 only (to seed the service time)."""
     if tuned:
-        return tune(run, limit, model, clock)
-    return BatchChoice(limit, "configured", tuple(measure(run, [1], clock=clock)))
+        return tune(run, limit, model, clock, lanes)
+    return BatchChoice(limit, "configured", tuple(measure(run, [1], clock=clock, lanes=lanes)))

@@ -34,6 +34,10 @@ class BatchingInfo(BaseModel):
     batch_timings: list[BatchTiming] = Field(
         description="ONNX Runtime time per image at the native resolution, measured at start-up."
     )
+    lanes: int = Field(
+        1,
+        description="Batches this version runs at once (CPU `instances`); a lone batch has every core.",
+    )
     max_queue_delay_ms: float
     queue_capacity: int
     max_queue_wait_ms: float | None = Field(
@@ -88,6 +92,7 @@ def _batching_info(mv: ModelVersion) -> BatchingInfo:
         max_batch_size=policy.max_batch_size,
         max_batch_size_source="tuned" if policy.auto_batch_size else "configured",
         batch_timings=[BatchTiming(batch_size=b, ms_per_image=s * 1e3) for b, s in policy.batch_timings],
+        lanes=mv.batcher.lanes if mv.batcher else 1,
         max_queue_delay_ms=policy.max_queue_delay_s * 1e3,
         queue_capacity=policy.queue_capacity,
         max_queue_wait_ms=admission.bound.seconds(admission.service) * 1e3 if admission else None,

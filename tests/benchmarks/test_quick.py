@@ -1,6 +1,7 @@
 """`python -m benchmarks --quick` end to end: a real export, real servers on loopback, real load."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_quick_run_measures_the_limit_for_fp32_and_int8(quick_run):
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["decode_images_per_s"] > 0
         assert r["single_image"]["total_ms"] >= r["single_image"]["infer_ms"] > 0
+        if (os.cpu_count() or 1) > 1:
+            assert r["lanes"]["lanes"] == os.cpu_count() and r["lanes"]["decode_images_per_s"] > 0
     assert 0.0 <= rows[("int8", (32, 32))]["top1_agreement"] <= 1.0
     assert results["peak"]["ort_fp32_flops"] > 0
 

@@ -94,3 +94,12 @@ def test_update_results_keeps_the_notes_around_the_generated_block(tmp_path):
     text = path.read_text()
     assert "old table" not in text
     assert text == f"# Title\nnotes before\n{BEGIN}\nnew table\n{END}\nnotes after\n"
+
+
+def test_the_limit_is_the_better_of_one_session_and_lanes():
+    results = _results()
+    fp32 = results["offline"][0]
+    fp32["lanes"] = {"lanes": 2, "best_batch": 1, "images_per_s": 130.0, "decode_images_per_s": 110.0}
+    saturated = "defaults: saturated ≥ 90% of decode-included limit"
+    (target,) = [t for t in evaluate(results) if t["target"] == saturated]
+    assert "limit 110.0 images/s" in target["figure"]

@@ -97,13 +97,25 @@ def test_check_weights_other_resolutions_and_counts_the_running_batch() -> None:
     control.check(HW, [(big, 12)])  # 12 images at 4x cost: 0.48 s
     with pytest.raises(QueueFullError):
         control.check(HW, [(big, 13)])
-    units = control.started(big, 8)  # a batch of 8 big images: 0.32 s expected
-    assert units == 32
+    running = control.started(big, 8)  # a batch of 8 big images: 0.32 s expected
+    assert running.units == 32
     with pytest.raises(QueueFullError):
         control.check(HW, [(HW, 20)])  # 0.32 s running + 0.2 s queued
-    control.finished(0.64, units)  # it took twice as long as expected: the estimate follows
+    control.finished(running, 0.64)  # it took twice as long as expected: the estimate follows
     assert control.service.per_image_s > 0.010
     control.check(HW, [(HW, 20)])  # nothing running now: 20 images fit under the bound
+
+
+def test_lanes_count_a_share_of_their_time_and_the_first_to_end() -> None:
+    control = AdmissionControl(ServiceTime(0.010), WaitBound(0.5, 8, 30.0))
+    # Two lanes, each running 8 images: 0.16 s each (two images' service time per image).
+    first, second = control.started(HW, 8, parallel=2), control.started(HW, 8, parallel=2)
+    assert first.expected_s == pytest.approx(0.16)
+    assert control.wait_s([]) == pytest.approx(0.16, abs=0.01)  # the first lane to free
+    control.finished(first, 0.32)  # twice as slow as expected, on one of two lanes: 0.02 s/image
+    assert control.service.per_image_s == pytest.approx(0.010 + (1 - 0.98**8) * 0.010)
+    control.finished(second, None)  # failed: no observation
+    assert control.wait_s([]) == 0.0
 
 
 class SlowModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,33 @@ def test_session_runs_any_allowed_resolution_from_one_graph(tiny_repo: TinyRepo)
         assert out.shape == (2, 5) and out.dtype == np.float32
     assert len(session._matrices) == 3  # one cached pair of matrices per grid, no new weights
     session.close()
+
+
+def test_lanes_run_the_same_graph_concurrently(tiny_repo: TinyRepo) -> None:
+    config = ModelConfig.load(tiny_repo.path / "tiny")
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 48)).astype(np.float32)
+    single = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions(intra_op_threads=2))
+    lanes = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions(intra_op_threads=2, instances=2))
+    assert (single.lanes, lanes.lanes) == (1, 2)
+    expected = single.run(pixels)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda _: lanes.run(pixels, lane=True), range(8)))
+    for out in [lanes.run(pixels), *outs]:
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    single.close()
+    lanes.close()
+
+
+async def test_a_repository_with_instances_serves_on_lanes(repo_dir: Path) -> None:
+    options = RuntimeOptions(intra_op_threads=2, instances=2)
+    repo = ModelRepository(repo_dir, options, DEFAULTS, Metrics(8), "tiny")
+    repo.scan()
+    await repo.load("tiny")
+    mv = repo.get("tiny")
+    assert mv.batcher.lanes == 2 and len(mv.policy.batch_timings) >= 1
+    logits = await mv.infer(np.zeros((5, 3, 32, 32), np.float32))
+    assert logits.shape == (5, 5)
+    await repo.close()
 
 
 def test_variant_choice(tmp_path: Path) -> None:

@@ -111,3 +111,13 @@ def test_per_image_seed_is_the_chosen_size_or_the_largest_below() -> None:
     assert choice.per_image_s == pytest.approx(0.02)
     assert BatchChoice(16, "configured", (BatchTiming(1, 0.03),)).per_image_s == pytest.approx(0.03)
     assert BatchChoice(16, "configured").per_image_s is None
+
+
+def test_with_lanes_each_call_counts_every_lanes_images() -> None:
+    # Two lanes at once: a call of batch n runs 2n images, so per image is half the call's time per n.
+    stub = StubRuntime(lambda n: 0.010 * n)
+    timings = measure(stub.run, [1, 2, 4], clock=stub.clock, lanes=2)
+    assert [t.lanes for t in timings] == [2, 2, 2]
+    assert [t.per_image_s for t in timings] == pytest.approx([0.005, 0.005, 0.005])
+    choice = batch_choice(stub.run, 4, True, "m", stub.clock, lanes=2)
+    assert choice.max_batch_size == 1 and choice.per_image_s == pytest.approx(0.005)
