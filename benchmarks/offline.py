@@ -2,7 +2,8 @@
 
 Three figures per model: the best images/s over batch sizes on ready tensors; the same batch with
 decoding and preprocessing included (the server's own `server.preprocess.prepare`, on a thread pool
-as wide as the machine); and one image end to end at batch 1, the floor for a lone request's latency.
+as wide as the machine, the next batch decoding while one runs, as a server overlaps them); and one
+image end to end at batch 1, the floor for a lone request's latency.
 
 The first two are measured twice: one session on every core (one call at a time, as most servers
 run ORT), and lanes, one single-threaded session called from one thread per core at once (as
@@ -91,14 +92,23 @@ def batch_sweep(model: OrtModel, tensors: np.ndarray, batch_sizes: list[int], mi
 def decode_included(
     model: OrtModel, images: list[EncodedImage], decode: Decoder, batch: int, min_seconds: float
 ) -> float:
-    """images/s when each batch is decoded (on a pool as wide as the machine) and then run."""
+    """images/s when batches are decoded (on a pool as wide as the machine) while the previous runs."""
     payloads = [images[i % len(images)].data for i in range(batch)]
-    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool, ThreadPoolExecutor(1) as ahead:
+
+        def decode_batch() -> np.ndarray:
+            return np.stack(list(pool.map(decode, payloads)))
+
+        upcoming = [ahead.submit(decode_batch)]
 
         def step() -> None:
-            model.run(np.stack(list(pool.map(decode, payloads))))
+            pixels = upcoming[0].result()
+            upcoming[0] = ahead.submit(decode_batch)  # the next batch decodes while this one runs
+            model.run(pixels)
 
-        return batch / statistics.median(_durations(step, min_seconds))
+        rate = batch / statistics.median(_durations(step, min_seconds))
+        upcoming[0].result()
+        return rate
 
 
 def lanes_sweep(

@@ -36,6 +36,8 @@ class VitAPI(ls.LitAPI):
         return np.stack(inputs)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim == 3:  # max_batch_size 1: LitServe skips batch()/unbatch() and passes one image
+            return self.model(x[None])[0]
         return self.model(x)
 
     def unbatch(self, output: np.ndarray) -> list[np.ndarray]:
