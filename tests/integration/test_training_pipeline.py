@@ -88,6 +88,7 @@ def test_demo_quick_builds_both_repository_entries(tmp_path):
             "--work",
             str(tmp_path / "runs"),
             "--quick",
+            "--scratch",
             "--no-variants",
             "--no-progress",
         ]
