@@ -28,6 +28,13 @@ def _cores() -> int:
     return max(os.cpu_count() or 1, 1)
 
 
+def _instances() -> int:
+    # One single-threaded lane per core is what was measured to pay (2 cores, README "Why lanes");
+    # past 8, lanes get several threads each, which bounds how many batches (and their activations)
+    # are in memory at once on a big machine.
+    return min(_cores(), 8)
+
+
 def _decode_threads() -> int:
     # Decoding overlaps inference; on a small machine both pools share the cores, so half of
     # them (at least two, at most eight) keeps the model fed without starving ONNX Runtime.
@@ -100,7 +107,7 @@ class Settings(BaseSettings):
     )
     inter_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads across operators.")
     instances: int = Field(
-        default_factory=_cores,
+        default_factory=_instances,
         ge=1,
         le=256,
         description="Batches one model version runs at once on a CPU, each with intra_op_threads / instances "
