@@ -45,7 +45,7 @@ from server.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray], np.ndarray]
-"""(N, 3, H, W) float32 -> (N, K) float32 logits; called from the batcher's thread only."""
+"""(N, 3, H, W) float32 -> (N, K) float32 logits; called from the batcher's inference threads."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +229,9 @@ class Batcher:
             try:
                 if self._reserved + self._depth + count > self.policy.queue_capacity:
                     raise QueueFullError()
-                if self.admission is not None and (self._reserved or self._depth or self._running):
+                # A free lane takes a new image at once: nothing is ahead of it, so it is never refused.
+                lane_free = self._running < self.lanes and not self._alone
+                if self.admission is not None and (self._reserved or self._depth or not lane_free):
                     ahead = ((k, n + self._live.get(k, 0)) for k, n in self._expected.items())
                     self.admission.check(hw, ahead)
             except QueueFullError:
@@ -240,7 +242,7 @@ class Batcher:
         return Admission(self, hw, count, time.monotonic() + self.policy.timeout_s)
 
     async def drain(self, timeout_s: float | None = None) -> None:
-        """Refuse new work, run everything admitted, then stop the thread.
+        """Refuse new work, run everything admitted, then stop the inference threads.
 
         After `timeout_s`, whatever is still queued is failed with `ShuttingDownError`.
         """
@@ -350,19 +352,21 @@ class Batcher:
                 return
             batch, alone = taken
             try:
-                self._execute(batch, alone)
+                logits = self._execute(batch, alone)
             finally:
                 with self._cond:
                     self._running -= 1
                     self._alone = False
                     self._cond.notify_all()  # lanes wait for a batch that ran alone
+            # Delivered after the bookkeeping: a client answered at once sees this batch finished.
+            self._call_loop(self._deliver, batch, logits)
 
     def _next_batch(self) -> tuple[list[_Item], bool] | None:
         """The next batch, and whether it runs alone on every core (else on a lane)."""
         with self._cond:
             while True:
                 if self._depth == 0:
-                    if self._closing and self._reserved == 0:
+                    if self._closing and self._reserved <= 0:
                         self._cond.notify_all()  # the other lanes stop too
                         return None
                     if self._running == 0:
@@ -418,7 +422,8 @@ class Batcher:
         self._metrics.queue_depth.labels(self.model).dec(len(batch))
         return batch
 
-    def _execute(self, batch: list[_Item], alone: bool) -> None:
+    def _execute(self, batch: list[_Item], alone: bool) -> np.ndarray | None:
+        """Run one batch; its logits, or None when it failed (logged here)."""
         # (N, 3, H, W); a lone image is a view, not a copy
         pixels = batch[0].pixels[None] if len(batch) == 1 else np.stack([item.pixels for item in batch])
         for item in batch:
@@ -441,7 +446,7 @@ class Batcher:
             self.admission.finished(running, None if logits is None else elapsed)
         self._metrics.inference.labels(self.model).observe(elapsed)
         self._metrics.batch_size.labels(self.model).observe(len(batch))
-        self._call_loop(self._deliver, batch, logits)
+        return logits
 
     def _abandon(self) -> None:
         with self._cond:

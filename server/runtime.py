@@ -5,11 +5,12 @@ position-embedding resampling matrices for the requested token grid (`server.pos
 once per grid and cached, so the weights are held once however many resolutions are served.
 
 On a CPU with `instances` > 1 a version holds a second ORT session of the same graph, its *lanes*:
-`instances` batches run on it at once, each on its caller's thread with `intra_op_threads //
-instances` threads. Concurrent single-threaded runs beat one run split across the cores whenever
-anything else wants a core (decoding, HTTP): a preempted worker stalls a split run at every operator,
-and costs a lane only its own time slice. The first session, on every core, stays for lone batches:
-a request on an idle server gets the lowest latency. The weights are then held twice.
+`instances` batches run on it at once, each single-threaded on its caller's thread (ORT has one
+intra-op pool per session, which concurrent runs would share, so a lane never gets more).
+Concurrent single-threaded runs beat one run split across the cores whenever anything else wants a
+core (decoding, HTTP): a preempted worker stalls a split run at every operator, and costs a lane
+only its own time slice. The first session, on every core, stays for lone batches: a request on an
+idle server gets the lowest latency. The weights are then held twice.
 
 This is the only module that imports onnxruntime; nothing above it knows about ORT.
 """
@@ -98,11 +99,7 @@ class Session:
         self._names = _check_io(self._session, config)
         self._lanes: ort.InferenceSession | None = None
         if options.instances > 1 and not self.on_gpu:
-            narrow = RuntimeOptions(
-                providers=tuple(self.providers),
-                intra_op_threads=max(options.intra_op_threads // options.instances, 1),
-                inter_op_threads=1,
-            )
+            narrow = RuntimeOptions(providers=tuple(self.providers), intra_op_threads=1, inter_op_threads=1)
             self._lanes = _open(version_dir / VARIANT_FILES[self.variant], config, narrow)
         self.lanes = options.instances if self._lanes is not None else 1
         self._pixel_dtype = _input_dtype(self._session, self._names.input)

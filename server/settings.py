@@ -28,13 +28,6 @@ def _cores() -> int:
     return max(os.cpu_count() or 1, 1)
 
 
-def _instances() -> int:
-    # One single-threaded lane per core is what was measured to pay (2 cores, README "Why lanes");
-    # past 8, lanes get several threads each, which bounds how many batches (and their activations)
-    # are in memory at once on a big machine.
-    return min(_cores(), 8)
-
-
 def _decode_threads() -> int:
     # Decoding overlaps inference; on a small machine both pools share the cores, so half of
     # them (at least two, at most eight) keeps the model fed without starving ONNX Runtime.
@@ -107,12 +100,12 @@ class Settings(BaseSettings):
     )
     inter_op_threads: int = Field(1, ge=1, le=256, description="ONNX Runtime threads across operators.")
     instances: int = Field(
-        default_factory=_instances,
+        default_factory=_cores,
         ge=1,
         le=256,
-        description="Batches one model version runs at once on a CPU, each with intra_op_threads / instances "
-        "threads (a second session; a lone batch still runs on all intra_op_threads). 1: one session, "
-        "one batch at a time. Ignored on a GPU.",
+        description="Batches one model version runs at once on a CPU, each on one thread of a second "
+        "session (a lone image still runs alone on intra_op_threads); at most intra_op_threads. "
+        "1: one session, one batch at a time. Ignored on a GPU.",
     )
     image_formats: Annotated[list[str], NoDecode] = Field(
         list(DEFAULT_IMAGE_FORMATS),

@@ -108,10 +108,10 @@ def test_check_weights_other_resolutions_and_counts_the_running_batch() -> None:
 
 def test_lanes_count_a_share_of_their_time_and_the_first_to_end() -> None:
     control = AdmissionControl(ServiceTime(0.010), WaitBound(0.5, 8, 30.0))
-    # Two lanes, each running 8 images: 0.16 s each (two images' service time per image).
-    first, second = control.started(HW, 8, parallel=2), control.started(HW, 8, parallel=2)
-    assert first.expected_s == pytest.approx(0.16)
-    assert control.wait_s([]) == pytest.approx(0.16, abs=0.01)  # the first lane to free
+    # Two lanes running 8 and 4 images: 0.16 s and 0.08 s (twice one image's share each).
+    first, second = control.started(HW, 8, parallel=2), control.started(HW, 4, parallel=2)
+    assert first.expected_s == pytest.approx(0.16) and second.expected_s == pytest.approx(0.08)
+    assert 0.03 < control.wait_s([]) <= 0.08  # the first lane to free
     control.finished(first, 0.32)  # twice as slow as expected, on one of two lanes: 0.02 s/image
     assert control.service.per_image_s == pytest.approx(0.010 + (1 - 0.98**8) * 0.010)
     control.finished(second, None)  # failed: no observation

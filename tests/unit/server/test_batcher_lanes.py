@@ -8,7 +8,9 @@ import threading
 import numpy as np
 import pytest
 
+from server.admission import AdmissionControl, ServiceTime, WaitBound
 from server.batcher import Batcher, BatchPolicy
+from server.errors import InferenceFailedError, QueueFullError
 from server.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
@@ -26,6 +28,7 @@ class Runs:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Semaphore(0)
+        self.fail_next = False
 
     def _run(self, kind: str, pixels: np.ndarray) -> np.ndarray:
         with self.lock:
@@ -36,6 +39,9 @@ class Runs:
         self.gate.wait(10)
         with self.lock:
             self.now -= 1
+            fail, self.fail_next = self.fail_next, False
+        if fail:
+            raise RuntimeError("boom")
         return np.stack([pixels.mean(axis=(1, 2, 3)), np.zeros(len(pixels))], axis=1).astype(np.float32)
 
     def alone(self, pixels: np.ndarray) -> np.ndarray:
@@ -45,10 +51,10 @@ class Runs:
         return self._run("lane", pixels)
 
 
-def _batcher(runs: Runs, lanes: int = 2) -> Batcher:
+def _batcher(runs: Runs, lanes: int = 2, admission: AdmissionControl | None = None) -> Batcher:
     policy = BatchPolicy(max_batch_size=1, max_queue_delay_s=0.0, queue_capacity=64, timeout_s=5.0)
     loop = asyncio.get_running_loop()
-    b = Batcher("m", runs.alone, policy, Metrics(4), loop, lanes=lanes, run_lane=runs.lane)
+    b = Batcher("m", runs.alone, policy, Metrics(4), loop, admission, lanes=lanes, run_lane=runs.lane)
     b.start()
     return b
 
@@ -104,7 +110,38 @@ async def test_no_lane_starts_while_a_batch_runs_alone() -> None:
     assert runs.now == 1 and b.depth == 4
     runs.gate.set()
     assert await first == 1.0 and await rest == [2.0, 3.0, 4.0, 5.0]
-    assert runs.log[0] == "alone" and "lane" in runs.log[1:] and runs.most <= 2
+    assert runs.log[0] == "alone" and "lane" in runs.log[1:]
+    await b.drain()
+
+
+async def test_a_free_lane_is_never_refused_and_busy_lanes_are_timed() -> None:
+    runs = Runs()
+    # Two seconds per image, a 10 ms bound: anything that would wait is refused.
+    b = _batcher(runs, admission=AdmissionControl(ServiceTime(1.0), WaitBound(0.01, 1, 5.0)))
+    runs.gate.clear()
+    held = b.admit(HW, 2)  # a two-image request: its first image goes to a lane, the second never comes
+    first = asyncio.ensure_future(held.infer(np.full((3, *HW), 1.0, dtype=np.float32)))
+    await _entered(runs, 1)
+    held.release()
+    assert runs.log == ["lane"]
+    second = asyncio.ensure_future(_one(b, 2.0))  # one lane is free: it starts at once, not refused
+    await _entered(runs, 1)
+    assert runs.log == ["lane", "lane"]
+    with pytest.raises(QueueFullError):  # both lanes busy for about 2 s: over the bound
+        b.admit(HW, 1)
+    runs.gate.set()
+    assert float((await first)[0]) == 1.0 and await second == 2.0
+    await b.drain()
+
+
+async def test_a_failed_lane_batch_fails_only_its_images_and_the_lanes_go_on() -> None:
+    runs = Runs()
+    b = _batcher(runs)
+    runs.fail_next = True
+    with pytest.raises(InferenceFailedError):
+        await _one(b, 1.0)
+    assert await _many(b, [2.0, 3.0, 4.0]) == [2.0, 3.0, 4.0]
+    assert b._running == 0 and not b._alone
     await b.drain()
 
 
