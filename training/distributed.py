@@ -65,8 +65,14 @@ def start(device: str = "auto", threads: int = 0) -> Placement:
     return Placement(rank, local_rank, world, local_world, dev)
 
 
-def stop() -> None:
+def stop(finished: bool = True) -> None:
+    """Leave the process group. After a finished run every rank first waits for the others: gloo
+    ranks tearing down their connections while a peer still used them aborted a CI run at exit
+    ("terminate called without an active exception"). After a failure there is no waiting, since a
+    peer may be gone."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -157,10 +157,13 @@ def fit(job: TrainJob, on_step: Callable[[int], None] | None = None) -> RunSumma
     """Train `job.model` as `job.cfg` says; returns the summary (also written to OUT/summary.json)."""
     cfg = job.cfg
     placement = distributed.start(cfg.device, cfg.threads)
+    finished = False
     try:
-        return Loop(job, placement, on_step).run()
+        summary = Loop(job, placement, on_step).run()
+        finished = True
+        return summary
     finally:
-        distributed.stop()
+        distributed.stop(finished)
 
 
 class Loop:
