@@ -86,7 +86,7 @@ def check_loopback(url: str) -> None:
     raise ValueError(f"refusing to send load to {host!r}: benchmarks target loopback addresses only")
 
 
-class _Sender:
+class Sender:
     """Sends payloads round-robin and turns every outcome into a `Sample`."""
 
     def __init__(self, client: httpx.AsyncClient, url: str, payloads: list[Payload]) -> None:
@@ -101,14 +101,15 @@ class _Sender:
             resp = await self.client.post(
                 self.url, content=payload.body, headers={"content-type": payload.content_type}
             )
+            end = time.perf_counter()  # the answer is in; checking it is the client's own time
             status = str(resp.status_code)
             if status == OK and not _answers_every_image(resp, payload.images):
                 status = "bad-body"
         except httpx.TimeoutException:
-            status = "timeout"
+            end, status = time.perf_counter(), "timeout"
         except Exception as exc:  # every failure becomes a counted outcome, never a lost request
-            status = f"error:{type(exc).__name__}"
-        return Sample(start, time.perf_counter() - start, status, payload.images)
+            end, status = time.perf_counter(), f"error:{type(exc).__name__}"
+        return Sample(start, end - start, status, payload.images)
 
 
 def _answers_every_image(resp: httpx.Response, images: int) -> bool:
@@ -119,7 +120,7 @@ def _answers_every_image(resp: httpx.Response, images: int) -> bool:
     return isinstance(predictions, list) and len(predictions) == images
 
 
-async def _closed(sender: _Sender, concurrency: int, count: int, deadline: float) -> list[Sample]:
+async def _closed(sender: Sender, concurrency: int, count: int, deadline: float) -> list[Sample]:
     samples: list[Sample] = []
     issued = 0
 
@@ -133,7 +134,7 @@ async def _closed(sender: _Sender, concurrency: int, count: int, deadline: float
     return samples
 
 
-async def _open(sender: _Sender, spec: LoadSpec, deadline: float) -> list[Sample]:
+async def _open(sender: Sender, spec: LoadSpec, deadline: float) -> list[Sample]:
     rng = np.random.default_rng(spec.seed)
     gaps = rng.exponential(1.0 / spec.rate, spec.max_requests)
     samples: list[Sample] = []
@@ -174,7 +175,7 @@ async def run_load(
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     timeout = httpx.Timeout(spec.timeout_s, pool=None)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        sender = _Sender(client, url, payloads)
+        sender = Sender(client, url, payloads)
         warm_deadline = time.perf_counter() + spec.timeout_s
         await _closed(sender, min(spec.concurrency, 8), spec.warmup_requests, warm_deadline)
         if after_warmup is not None:

@@ -111,8 +111,9 @@ class Admission:
     async def infer_prepared(self, prepare: Callable[[], np.ndarray], pool: Executor) -> np.ndarray:
         """Run `prepare` (bytes -> pixels) in `pool` and queue its result from there, then wait.
 
-        The pool thread queues the image itself, so inference can start without a turn of the
-        event loop in between (one thread hop less on every request's critical path).
+        The pool thread queues the image itself and the event loop is woken once, for the answer:
+        no turn of the loop between decoding and inference, and none competing with inference for
+        a core. The deadline runs from here, decoding included.
 
         Raises:
             Whatever `prepare` raises (its reservation is returned), and what `infer` raises.
@@ -126,21 +127,23 @@ class Admission:
             try:
                 pixels = prepare()
                 self._check(pixels)
-            except BaseException:
+            except BaseException as exc:
                 batcher._release(self.hw, 1)
-                raise
+                batcher._call_loop(batcher._fail, item, exc)
+                return
             batcher._queue(item, pixels, self.deadline)
 
+        batcher._arm(item, self.deadline)
         job = pool.submit(work)
         try:
-            await asyncio.wrap_future(job)
+            return await item.future
         except asyncio.CancelledError:
             if job.cancel():  # never started: its reservation is returned here
                 batcher._release(self.hw, 1)
+                batcher._disarm(item)
             else:  # running (`_queue` will drop it) or done (queued: taken out again)
                 batcher._cancel(item)
             raise
-        return await self._wait(item)
 
     def _check(self, pixels: np.ndarray) -> None:
         if pixels.shape != (3, *self.hw):
@@ -264,7 +267,8 @@ class Batcher:
     # -- queueing: from the event loop or a decode thread ----------------------------------
 
     def _queue(self, item: _Item, pixels: np.ndarray, deadline: float) -> None:
-        """Turn one reservation into a queued item (dropped if its caller went away meanwhile)."""
+        """Turn one reservation into a queued item (dropped if its caller went away or its deadline
+        passed meanwhile: the deadline timer answers it)."""
         item.enqueued = time.monotonic()
         with self._cond:
             self._reserved -= 1
@@ -280,17 +284,16 @@ class Batcher:
             self._cond.notify()
         if item.state is _State.QUEUED:
             self._metrics.queue_depth.labels(self.model).inc()
-        elif item.state is _State.EXPIRED:
-            self._metrics.rejected.labels(self.model, "deadline").inc()
 
     # -- event-loop side -------------------------------------------------------------------
 
     def _arm(self, item: _Item, deadline: float) -> None:
-        """After `_queue`: fail an item that arrived past its deadline, else time its deadline."""
-        if item.state is _State.EXPIRED and not item.future.done():
-            item.future.set_exception(DeadlineExceededError())
-        elif item.state is _State.QUEUED and not item.future.done():
-            item.timer = self._loop.call_later(deadline - time.monotonic(), self._expire, item)
+        """Time `item`'s deadline (before or after `_queue`; one already past fires at once)."""
+        item.timer = self._loop.call_later(deadline - time.monotonic(), self._expire, item)
+
+    def _disarm(self, item: _Item) -> None:
+        if item.timer is not None:
+            item.timer.cancel()
 
     def _unqueue(self, item: _Item, state: _State) -> bool:
         with self._cond:
@@ -304,14 +307,25 @@ class Batcher:
         return True
 
     def _expire(self, item: _Item) -> None:
-        if self._unqueue(item, _State.EXPIRED):
-            self._metrics.rejected.labels(self.model, "deadline").inc()
-            if not item.future.done():
-                item.future.set_exception(DeadlineExceededError())
+        """The deadline passed: an item still decoding, queued or refused on arrival fails with 504."""
+        with self._cond:
+            late = item.state in (_State.DECODING, _State.EXPIRED)  # EXPIRED: `_queue` found it late
+            if item.state is _State.DECODING:
+                item.state = _State.EXPIRED  # `_queue` drops it when its pixels arrive
+        if not late and not self._unqueue(item, _State.EXPIRED):
+            return  # running, answered or cancelled
+        self._metrics.rejected.labels(self.model, "deadline").inc()
+        if not item.future.done():
+            item.future.set_exception(DeadlineExceededError())
+
+    def _fail(self, item: _Item, exc: BaseException) -> None:
+        """Its pixels could not be prepared (a decode thread's error, delivered on the loop)."""
+        self._disarm(item)
+        if not item.future.done():
+            item.future.set_exception(exc)
 
     def _cancel(self, item: _Item) -> None:
-        if item.timer is not None:
-            item.timer.cancel()
+        self._disarm(item)
         with self._cond:
             if item.state is _State.DECODING:
                 item.state = _State.CANCELLED
@@ -327,8 +341,7 @@ class Batcher:
 
     def _deliver(self, items: list[_Item], logits: np.ndarray | None) -> None:
         for i, item in enumerate(items):
-            if item.timer is not None:
-                item.timer.cancel()
+            self._disarm(item)
             if item.future.done():
                 continue
             if logits is None:
@@ -338,8 +351,7 @@ class Batcher:
 
     def _fail_queued(self, items: list[_Item]) -> None:
         for item in items:
-            if item.timer is not None:
-                item.timer.cancel()
+            self._disarm(item)
             if not item.future.done():
                 item.future.set_exception(ShuttingDownError())
 

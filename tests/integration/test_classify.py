@@ -54,7 +54,11 @@ def test_top_k_limits_and_sorts_the_predictions(live: LiveServer) -> None:
     everything = _post(live, [png_bytes(7)], top_k=1000).json()["predictions"][0]
     assert len(everything) == len(LABELS)
     assert sum(p["score"] for p in everything) == pytest.approx(1.0, abs=1e-6)
-    assert _post(live, [png_bytes(7)], top_k=0).status_code == 422
+    refused = _post(live, [png_bytes(7)], top_k=0)
+    assert refused.status_code == 422
+    assert refused.json() == {"detail": "top_k: Input should be greater than or equal to 1"}
+    for bad in ({"version": "0"}, {"include_logits": "maybe"}, {"top_k": "many"}):
+        assert _post(live, [png_bytes(7)], **bad).status_code == 422, bad
 
 
 def test_raw_image_body(live: LiveServer) -> None:

@@ -107,8 +107,12 @@ def test_openapi_documents_the_classify_upload(live: LiveServer) -> None:
     spec = httpx.get(f"{live.url}/openapi.json").json()
     body = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/*"} <= set(body)
-    params = {p["name"] for p in spec["paths"]["/classify"]["post"]["parameters"]}
-    assert {"model", "version", "top_k", "resolution", "include_logits"} <= params
+    params = {p["name"]: p for p in spec["paths"]["/classify"]["post"]["parameters"]}
+    assert {"model", "version", "top_k", "resolution", "include_logits"} <= set(params)
+    top_k = params["top_k"]  # the route validates its query itself: the docs must still say the rules
+    assert top_k["in"] == "query" and not top_k["required"] and top_k["description"]
+    schema = top_k["schema"]
+    assert (schema["minimum"], schema["maximum"], schema["default"]) == (1, 1000, 5)
     assert {"/models", "/models/{name}", "/models/{name}/load", "/healthz", "/readyz", "/metrics"} <= set(
         spec["paths"]
     )

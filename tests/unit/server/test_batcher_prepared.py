@@ -123,3 +123,21 @@ async def test_an_image_decoded_past_its_deadline_is_answered_504_and_not_run() 
         await adm.infer_prepared(slow, pool)
     assert model.images == 0 and _idle(b)
     await b.drain()
+
+
+async def test_the_deadline_answers_an_image_still_decoding_at_once() -> None:
+    model, finish = Model(), threading.Event()
+    b = _batcher(model, timeout_s=0.05)
+
+    def stuck() -> np.ndarray:
+        finish.wait(5)
+        return np.zeros((3, *HW), np.float32)
+
+    with ThreadPoolExecutor(1) as pool:
+        with b.admit(HW, 1) as adm, pytest.raises(DeadlineExceededError):
+            await asyncio.wait_for(adm.infer_prepared(stuck, pool), 2.0)  # not after the decode
+        assert b._reserved == 1  # its decode is still running: the room stays taken until it ends
+        finish.set()
+    assert model.images == 0 and _idle(b)
+    assert b._metrics.rejected.labels("m", "deadline")._value.get() == 1
+    await b.drain()
