@@ -1,7 +1,8 @@
 """The load generator: closed loop at a fixed concurrency, or open loop with Poisson arrivals.
 
-Bodies are encoded once before the run, so the client's own CPU cost per request is an HTTP round
-trip and a small JSON parse (the client shares the machine with the server under test). Every run is
+Bodies and request heads are built once before the run and sent on keep-alive connections by
+`benchmarks.wire`, so the client's own CPU per request is a socket write, a read and a small JSON
+parse (the client shares the machine with the server under test). Every run is
 bounded twice, by a request count and by a time limit, and every request by a client timeout, so a
 run always ends by itself. Only loopback addresses are accepted.
 """
@@ -10,18 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
+from benchmarks import wire
 from benchmarks.images import EncodedImage
 from benchmarks.latency import OK, Sample, summarize
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -89,32 +93,33 @@ def check_loopback(url: str) -> None:
 class Sender:
     """Sends payloads round-robin and turns every outcome into a `Sample`."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, payloads: list[Payload]) -> None:
-        self.client, self.url, self.payloads = client, url, payloads
+    def __init__(self, pool: wire.Pool, payloads: list[Payload], timeout_s: float) -> None:
+        self.pool, self.payloads, self.timeout_s = pool, payloads, timeout_s
+        self.heads = [pool.target.post_head(p.content_type, len(p.body)) for p in payloads]
         self.next_index = 0
 
     async def send(self) -> Sample:
-        payload = self.payloads[self.next_index % len(self.payloads)]
+        index = self.next_index % len(self.payloads)
+        payload = self.payloads[index]
         self.next_index += 1
         start = time.perf_counter()
         try:
-            resp = await self.client.post(
-                self.url, content=payload.body, headers={"content-type": payload.content_type}
-            )
+            async with asyncio.timeout(self.timeout_s):
+                answer = await self.pool.request(self.heads[index], payload.body)
             end = time.perf_counter()  # the answer is in; checking it is the client's own time
-            status = str(resp.status_code)
-            if status == OK and not _answers_every_image(resp, payload.images):
+            status = str(answer.status)
+            if status == OK and not _answers_every_image(answer.body, payload.images):
                 status = "bad-body"
-        except httpx.TimeoutException:
+        except TimeoutError:
             end, status = time.perf_counter(), "timeout"
         except Exception as exc:  # every failure becomes a counted outcome, never a lost request
             end, status = time.perf_counter(), f"error:{type(exc).__name__}"
         return Sample(start, end - start, status, payload.images)
 
 
-def _answers_every_image(resp: httpx.Response, images: int) -> bool:
+def _answers_every_image(body: bytes, images: int) -> bool:
     try:
-        predictions = resp.json()["predictions"]
+        predictions = json.loads(body)["predictions"]
     except (ValueError, KeyError, TypeError):
         return False
     return isinstance(predictions, list) and len(predictions) == images
@@ -171,11 +176,9 @@ async def run_load(
     check_loopback(url)
     if spec.mode == "open" and spec.rate <= 0:
         raise ValueError("an open-loop run needs rate > 0")
-    connections = spec.concurrency if spec.mode == "closed" else spec.max_in_flight
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    timeout = httpx.Timeout(spec.timeout_s, pool=None)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        sender = Sender(client, url, payloads)
+    pool = wire.Pool(wire.Target.parse(url))  # one connection per request in flight, kept alive
+    try:
+        sender = Sender(pool, payloads, spec.timeout_s)
         warm_deadline = time.perf_counter() + spec.timeout_s
         await _closed(sender, min(spec.concurrency, 8), spec.warmup_requests, warm_deadline)
         if after_warmup is not None:
@@ -187,6 +190,8 @@ async def run_load(
         else:
             samples = await _open(sender, spec, deadline)
         wall = time.perf_counter() - start
+    finally:
+        pool.close()
     result = summarize(samples, wall)
     result["spec"] = {**spec.__dict__, "url": url}
     return result
@@ -195,7 +200,12 @@ async def run_load(
 def run_load_sync(
     url: str, payloads: list[Payload], spec: LoadSpec, after_warmup: Callable[[], object] | None = None
 ) -> dict:
-    """`run_load` on a fresh event loop (uvloop when installed: less client CPU per request)."""
+    """`run_load` on a fresh event loop (see `run_sync`)."""
+    return run_sync(run_load(url, payloads, spec, after_warmup))
+
+
+def run_sync(coro: Coroutine[object, object, T]) -> T:
+    """Run a client coroutine on a fresh event loop (uvloop when installed: less client CPU)."""
     try:
         import uvloop
 
@@ -203,4 +213,4 @@ def run_load_sync(
     except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard]
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(run_load(url, payloads, spec, after_warmup))
+        return runner.run(coro)

@@ -13,8 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-import httpx
-
+from benchmarks import wire
 from benchmarks.images import EncodedImage
 from benchmarks.latency import OK
 from benchmarks.loadgen import Payload, Sender, check_loopback
@@ -69,9 +68,9 @@ async def paired_latency(
     check_loopback(url)
     errors: dict[str, int] = {}
     local, server, gaps = [], [], []
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(timeout_s), trust_env=False) as client:
-        sender = Sender(client, url, payloads)
+    pool = wire.Pool(wire.Target.parse(url))
+    try:
+        sender = Sender(pool, payloads, timeout_s)
         await _server_block(sender, 2, errors)  # a connection, and the server's first answers
         for b in range(blocks):
             here = _local_block(run_one, images, block_size, b * block_size)
@@ -80,6 +79,8 @@ async def paired_latency(
             server += there
             if there:
                 gaps.append(_median_ms(there) - _median_ms(here))
+    finally:
+        pool.close()
     return {
         "blocks": blocks,
         "block_size": block_size,

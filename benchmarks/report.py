@@ -121,6 +121,30 @@ def servers_section(results: dict) -> list[str]:
     ]
 
 
+def paired_section(results: dict) -> list[str]:
+    rows = [
+        [r["label"], r["model"], r["variant"], r["image_kind"], f"{r['blocks']} × {r['block_size']}",
+         _f(r["in_process_p50_ms"]), _f(r["server_p50_ms"]), _f(r["gap_p50_ms"], 2),
+         " to ".join(_f(g, 1) for g in r["gap_range_ms"]) if r["gap_range_ms"] else "–",
+         ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"]
+        for r in results.get("paired", [])
+    ]  # fmt: skip
+    if not rows:
+        return []
+    header = ["server", "model", "variant", "input", "blocks × calls", "in-process p50 ms",
+              "server p50 ms", "gap ms (median of blocks)", "gap range ms", "non-200"]  # fmt: skip
+    return [
+        "## Concurrency 1 against the in-process floor, paired",
+        "",
+        "One client alternates blocks: one image decoded and run in this process (the floor), then one"
+        " request to the server, block after block; each block's first call is dropped. The gap is the"
+        " median over blocks of (server block median − in-process block median), so the host's drift"
+        " between blocks cancels.",
+        "",
+        *_table(header, rows),
+    ]
+
+
 def targets_section(results: dict) -> list[str]:
     rows = [[t["target"], t["figure"], t["verdict"]] for t in evaluate(results)]
     return ["## Targets (issue 6)", "", *_table(["target", "figures", "verdict"], rows)]
@@ -132,6 +156,7 @@ def markdown(results: dict) -> str:
         peak_section(results["peak"]),
         offline_section(results),
         servers_section(results),
+        paired_section(results),
         targets_section(results),
     ]
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import flops, machine, offline, servers, venvs
+from benchmarks import flops, machine, offline, paired, servers, venvs
 from benchmarks.images import EncodedImage, image_set
-from benchmarks.loadgen import LoadSpec, Payload, multipart, run_load_sync
+from benchmarks.loadgen import LoadSpec, Payload, multipart, run_load_sync, run_sync
 from benchmarks.models import SPECS, BuiltModel, build, existing
 from benchmarks.plan import TUNED_SETTINGS, LoadPoint, Plan
 from benchmarks.processes import ServerStartError, free_port, serving, session_cpu_seconds
@@ -31,7 +31,9 @@ class Suite:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.results: dict = {"meta": machine.describe(plan), "peak": {}, "offline": [], "servers": []}
+        self.results: dict = {
+            "meta": machine.describe(plan), "peak": {}, "offline": [], "servers": [], "paired": [],
+        }  # fmt: skip
         self.images: dict[str, list[EncodedImage]] = {}
         self.payloads: dict[str, list[Payload]] = {}
 
@@ -154,9 +156,10 @@ class Suite:
         settings = dict(TUNED_SETTINGS)
         tuned = {"settings": settings}
         defaults = servers.vitserve(repo, name, "fp32")
-        self.measure(defaults, model, "fp32", plan.basic_points() + plan.overload_points())
+        self.measure(defaults, model, "fp32", plan.basic_points() + plan.overload_points(), paired=True)
         points = plan.basic_points() + plan.overload_points() + plan.extra_points()
-        self.measure(servers.vitserve(repo, name, "fp32", settings), model, "fp32", points, tuned)
+        tuned_server = servers.vitserve(repo, name, "fp32", settings)
+        self.measure(tuned_server, model, "fp32", points, tuned, paired=True)
         if model.has("int8"):
             int8 = servers.vitserve(repo, name, "int8", settings)
             self.measure(int8, model, "int8", plan.basic_points(), tuned)
@@ -169,8 +172,13 @@ class Suite:
         self.save()
 
     def measure(self, server: servers.ServerUnderTest, model: BuiltModel, variant: str,
-                points: list[LoadPoint], extra: dict | None = None) -> None:  # fmt: skip
-        """Start `server` once, run every point against it, stop it; one result row per point."""
+                points: list[LoadPoint], extra: dict | None = None,
+                paired: bool = False) -> None:  # fmt: skip
+        """Start `server` once, run every point against it, stop it; one result row per point.
+
+        With `paired`, the c=1 latency is then also measured against the in-process floor in
+        alternating blocks (`benchmarks.paired`), into ``results["paired"]``.
+        """
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         log_path = self.plan.out_dir / "logs" / f"{server.key}-{model.name}-{variant}.log"
@@ -186,6 +194,8 @@ class Suite:
                         saturated = row["images_per_s"]
                     self.results["servers"].append(row)
                     self.save()
+                if paired:
+                    self.measure_paired(server, port, model, variant)
         except ServerStartError as exc:
             self.skip(server.key, f"{server.label} did not start: {exc}")
 
@@ -215,6 +225,24 @@ class Suite:
         cores = {k: (after[k] - before[k]) / result["wall_s"] for k in ("server_cpu", "client_cpu")}
         split = run_split(before["metrics"], after["metrics"], server.metrics_match)
         return {**row, **result, "split": split, "cores_used": cores}
+
+    def measure_paired(
+        self, server: servers.ServerUnderTest, port: int, model: BuiltModel, variant: str
+    ) -> None:
+        plan, cfg, kind = self.plan, model.config, self.plan.main_kind
+        log.info("  %s c=1 paired with in-process, %d blocks", server.key, plan.paired_blocks)
+        ort_model = offline.OrtModel(model.onnx_path(variant), cfg)
+        decode = offline.decoder(cfg, cfg.image_size)
+        result = run_sync(paired.paired_latency(
+            server.classify_url(port), self.payloads[kind], self.images[kind],
+            lambda im: ort_model.run(decode(im.data)[None]), plan.paired_blocks, plan.paired_block_size,
+            plan.timeout_s,
+        ))  # fmt: skip
+        self.results["paired"].append(
+            {"server": server.key, "label": server.label, "model": model.name, "variant": variant,
+             "image_kind": kind, **result}
+        )  # fmt: skip
+        self.save()
 
 
 def _with_rate(spec: LoadSpec, rate: float) -> LoadSpec:

@@ -68,7 +68,7 @@ def test_connection_refused_is_an_error_not_a_crash(payloads):
 
     spec = LoadSpec(max_requests=2, warmup_requests=0, timeout_s=2)
     result = run_load_sync(f"http://127.0.0.1:{free_port()}/classify", payloads, spec)
-    assert result["errors"] == {"error:ConnectError": 2}
+    assert result["errors"] == {"error:ConnectionRefusedError": 2}
 
 
 def test_multipart_carries_every_image(fake_server):

@@ -63,6 +63,9 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     hi_res = [r for r in rows if r["query"].get("resolution") == "48"]
     assert hi_res and all(r["ok"] > 0 for r in hi_res)
     assert any(r["point"] == "open 2x" and r["spec"]["mode"] == "open" for r in rows)
+    paired = {r["server"]: r for r in results["paired"]}  # c=1 against in-process, both vitserve rows
+    assert set(paired) == {"vitserve", "vitserve-tuned"}
+    assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())
 
 
 def test_quick_run_writes_the_tables(quick_run):
@@ -72,6 +75,7 @@ def test_quick_run_writes_the_tables(quick_run):
         "## The machine's matrix-multiply rate",
         "## The limit",
         "## Servers",
+        "## Concurrency 1 against the in-process floor, paired",
         "## Targets",
     ):
         assert heading in text

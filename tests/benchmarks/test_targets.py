@@ -103,3 +103,23 @@ def test_the_limit_is_the_better_of_one_session_and_lanes():
     saturated = "defaults: saturated ≥ 90% of decode-included limit"
     (target,) = [t for t in evaluate(results) if t["target"] == saturated]
     assert "limit 110.0 images/s" in target["figure"]
+
+
+def _paired(gap_ms: float) -> dict:
+    return {
+        "server": "vitserve", "label": "vitserve (defaults)", "model": "m", "variant": "fp32",
+        "image_kind": "jpeg", "blocks": 40, "block_size": 4, "in_process_p50_ms": 10.0,
+        "server_p50_ms": 10.0 + gap_ms, "gap_p50_ms": gap_ms, "gap_range_ms": [gap_ms - 3, gap_ms + 3],
+        "errors": {},
+    }  # fmt: skip
+
+
+def test_the_paired_gap_decides_the_latency_target_when_measured():
+    latency = "defaults: c=1 p50 ≤ in-process + 2 ms"
+    results = _results(vit_c1_p50=30.0)  # unpaired, it would be missed
+    results["paired"] = [_paired(1.8)]
+    (target,) = [t for t in evaluate(results) if t["target"] == latency]
+    assert target["verdict"] == "met" and "gap median +1.8 ms" in target["figure"]
+    results["paired"] = [_paired(2.3)]
+    assert _verdicts(results)[latency] == "**missed**"
+    assert "## Concurrency 1 against the in-process floor, paired" in markdown(results)

@@ -1,0 +1,40 @@
+"""The paired c=1 measurement: alternating blocks, the first call of each dropped, failures counted."""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.images import image_set
+from benchmarks.loadgen import multipart, run_sync
+from benchmarks.paired import paired_latency
+
+
+def test_blocks_alternate_and_the_gap_is_server_minus_in_process(fake_server):
+    base, probe = fake_server
+    images = image_set("jpeg-64x48", 2)
+    payloads = [multipart([im]) for im in images]
+    calls = []
+
+    def run_one(image) -> None:
+        calls.append(image)
+        time.sleep(0.002)
+
+    url = f"{base}/classify?sleep_ms=20"
+    result = run_sync(paired_latency(url, payloads, images, run_one, blocks=3, block_size=2))
+    assert len(calls) == 3 * 3  # (2 timed + 1 dropped) per block
+    assert probe.requests == 2 + 1 + 3 * 3  # a warm-up block of 2 (+1 dropped), then the blocks
+    assert result["blocks"] == 3 and result["errors"] == {}
+    assert 1.5 <= result["in_process_p50_ms"] < 15
+    assert result["server_p50_ms"] >= 20  # the server sleeps 20 ms per request
+    assert 10 < result["gap_p50_ms"] < result["server_p50_ms"]
+    low, high = result["gap_range_ms"]
+    assert low <= result["gap_p50_ms"] <= high
+
+
+def test_failed_requests_are_counted_not_timed(fake_server):
+    base, _ = fake_server
+    images = image_set("jpeg-64x48", 1)
+    payloads = [multipart(images)]
+    result = run_sync(paired_latency(f"{base}/classify?status=503", payloads, images, lambda _: None, 2, 2))
+    assert result["errors"] == {"503": 3 + 2 * 3}
+    assert result["server_p50_ms"] is None and result["gap_p50_ms"] is None
