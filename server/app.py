@@ -18,6 +18,7 @@ from wsgiref.simple_server import WSGIServer
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from prometheus_client import start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -28,6 +29,7 @@ from server.metrics import Metrics
 from server.repository import ModelRepository
 from server.routes import classify, health, models, v2
 from server.routes import metrics as metrics_route
+from server.routes.direct import direct_stack
 from server.runtime import RuntimeOptions, resolve_providers
 from server.settings import Settings
 
@@ -36,7 +38,16 @@ logger = logging.getLogger(__name__)
 _LOAD_STOP_GRACE_S = 5.0
 
 
-def create_app(settings: Settings) -> FastAPI:
+class VitserveApp(FastAPI):
+    """FastAPI, with /classify dispatched straight to its endpoint through our middleware only
+    (`server.routes.direct`): the hot path."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        hot = [r for r in classify.router.routes if isinstance(r, APIRoute)]
+        return direct_stack(self, super().build_middleware_stack(), hot)
+
+
+def create_app(settings: Settings) -> VitserveApp:
     """The app for `settings`; raises StartupError when no configured provider is available."""
     metrics = Metrics(settings.max_batch_size)
     options = RuntimeOptions(
@@ -59,7 +70,7 @@ def create_app(settings: Settings) -> FastAPI:
     repository = ModelRepository(settings.model_repo, options, defaults, metrics, settings.default_model)
     repository.scan()
 
-    app = FastAPI(
+    app = VitserveApp(
         title="vitserve",
         version="0.1.0",
         summary="Vision Transformers at any resolution: dynamic batching on ONNX Runtime.",
