@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import State
 
 from server.errors import InvalidResolutionError, ServerError
 from server.metrics import Metrics
@@ -27,6 +28,7 @@ from server.routes.deps import (
     until_disconnected,
 )
 from server.routes.uploads import UPLOAD_OPENAPI, UploadLimits, read_images
+from server.settings import Settings
 
 router = APIRouter(tags=["classification"])
 
@@ -108,15 +110,13 @@ async def classify(request: Request) -> Response:
     check_inference_key(request, settings)
     query = parse_query(request, ClassifyQuery)
     label_model(request, repository, query.model)
-    formats = tuple(settings.image_formats)
-    limits = UploadLimits(settings.max_upload_bytes, settings.max_images_per_request, formats)
+    upload, decode = _limits(state)
     # The (bounded) body is read before any other answer, so the connection stays usable: an
     # answer sent before the body was read ends the connection (server.guards).
-    blobs = await read_images(request, limits)
+    blobs = await read_images(request, upload)
     mv = repository.get(query.model, query.version)
     res = query.resolution
     hw = mv.check_resolution(parse_resolution(res) if res else tuple(mv.config.image_size))
-    decode = DecodeLimits(max_pixels=settings.max_image_pixels, formats=pillow_formats(formats))
     logits = await until_disconnected(request, _run(mv, blobs, hw, decode, state.decode_pool, metrics))
     metrics.images.labels(mv.name).inc(len(blobs))
     body = {"model": mv.name, "version": mv.version, "resolution": hw}
@@ -124,6 +124,18 @@ async def classify(request: Request) -> Response:
     if query.include_logits:
         body["logits"] = logits.tolist()
     return _encode(body)
+
+
+def _limits(state: State) -> tuple[UploadLimits, DecodeLimits]:
+    """The upload and decode limits, built once per app from its (immutable) settings."""
+    cached = getattr(state, "classify_limits", None)
+    if cached is None:
+        settings: Settings = state.settings
+        formats = tuple(settings.image_formats)
+        upload = UploadLimits(settings.max_upload_bytes, settings.max_images_per_request, formats)
+        decode = DecodeLimits(max_pixels=settings.max_image_pixels, formats=pillow_formats(formats))
+        cached = state.classify_limits = (upload, decode)
+    return cached
 
 
 def _encode(body: dict) -> Response:
