@@ -10,10 +10,14 @@ POST of a ready body, answers with Content-Length or chunked, keep-alive and ``C
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 _MAX_HEAD = 64 * 1024
+MAX_IDLE_S = 2.0
+"""An idle connection older than this is closed, not reused: servers close theirs after about 5 s
+(uvicorn's default keep-alive), and a request sent on a connection the server is closing is lost."""
 
 
 class ProtocolError(Exception):
@@ -58,10 +62,19 @@ class Connection:
         self.target = target
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.idle_since = time.monotonic()
 
     @property
     def open(self) -> bool:
         return self._writer is not None
+
+    def reusable(self, now: float) -> bool:
+        """Open, not closed by the server meanwhile, and not idle long enough to be closing."""
+        if self._reader is None or self._writer is None:
+            return False
+        if self._reader.at_eof() or self._writer.is_closing():
+            return False
+        return now - self.idle_since < MAX_IDLE_S
 
     async def request(self, head: bytes, body: bytes) -> Answer:
         """Send one prebuilt request and read its answer; any failure closes the connection."""
@@ -75,6 +88,7 @@ class Connection:
             raise
         if not keep:
             self.close()
+        self.idle_since = time.monotonic()
         return answer
 
     async def _read_answer(self) -> tuple[Answer, bool]:
@@ -128,7 +142,13 @@ class Pool:
         self._idle: list[Connection] = []
 
     async def request(self, head: bytes, body: bytes) -> Answer:
-        conn = self._idle.pop() if self._idle else Connection(self.target)
+        conn, now = None, time.monotonic()
+        while self._idle and conn is None:
+            conn = self._idle.pop()  # the most recently used: the pool stays as small as the load
+            if not conn.reusable(now):
+                conn.close()
+                conn = None
+        conn = conn or Connection(self.target)
         answer = await conn.request(head, body)
         if conn.open:
             self._idle.append(conn)

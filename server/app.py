@@ -26,6 +26,7 @@ from server.batcher import BatchPolicy
 from server.errors import ErrorMiddleware, install_error_handlers
 from server.guards import BodyGuard, RequestId, UploadBudget
 from server.metrics import Metrics
+from server.niceness import lower_thread_priority
 from server.repository import ModelRepository
 from server.routes import classify, health, models, v2
 from server.routes import metrics as metrics_route
@@ -56,6 +57,7 @@ def create_app(settings: Settings) -> VitserveApp:
         intra_op_threads=settings.intra_op_threads,
         inter_op_threads=settings.inter_op_threads,
         instances=min(settings.instances, settings.intra_op_threads),
+        worker_niceness=settings.worker_niceness,
         max_batch_size=settings.max_batch_size,
         trt_cache_dir=settings.trt_cache_dir,
     )
@@ -116,7 +118,12 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     repository: ModelRepository = app.state.repository
-    pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="vitserve-decode")
+    pool = ThreadPoolExecutor(
+        settings.decode_threads,
+        thread_name_prefix="vitserve-decode",
+        initializer=lower_thread_priority,
+        initargs=(settings.worker_niceness,),
+    )
     app.state.decode_pool = pool
     loader = asyncio.create_task(repository.load_all(), name="vitserve-load")
     metrics_server = _start_metrics_server(app)

@@ -41,6 +41,7 @@ import numpy as np
 from server.admission import AdmissionControl
 from server.errors import DeadlineExceededError, InferenceFailedError, QueueFullError, ShuttingDownError
 from server.metrics import Metrics
+from server.niceness import lower_thread_priority
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +184,11 @@ class Batcher:
         admission: AdmissionControl | None = None,
         lanes: int = 1,
         run_lane: RunBatch | None = None,
+        niceness: int = 0,
     ) -> None:
-        """`run` runs a batch on every core; with `lanes` > 1, `run_lane` runs one of that many at once."""
+        """`run` runs a batch on every core; with `lanes` > 1, `run_lane` runs one of that many at once.
+
+        The inference threads add `niceness` to their nice value (`server.niceness`)."""
         if lanes > 1 and run_lane is None:
             raise ValueError("lanes > 1 needs run_lane")
         self.model = model
@@ -193,6 +197,7 @@ class Batcher:
         self.lanes = lanes
         self._run = run
         self._run_lane = run_lane
+        self._niceness = niceness
         self._metrics = metrics
         self._loop = loop
         self._cond = threading.Condition()
@@ -358,6 +363,7 @@ class Batcher:
     # -- inference-thread side -------------------------------------------------------------
 
     def _serve(self) -> None:
+        lower_thread_priority(self._niceness)
         while True:
             taken = self._next_batch()
             if taken is None:

@@ -255,6 +255,7 @@ class ModelRepository:
         batcher = Batcher(
             mv.name, session.run, mv.policy, self.metrics, loop, admission,
             lanes=session.lanes, run_lane=partial(session.run, lane=True),
+            niceness=self.options.worker_niceness,
         )  # fmt: skip
         batcher.start()
         return session, batcher

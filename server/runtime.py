@@ -44,6 +44,7 @@ class RuntimeOptions:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     instances: int = 1  # lanes on CPU (see the module docstring); GPU sessions always have one
+    worker_niceness: int = 0  # added to the inference threads' nice value (server.niceness)
     max_batch_size: int = 32
     trt_cache_dir: Path | None = None
 

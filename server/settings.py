@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         "session (a lone image still runs alone on intra_op_threads); at most intra_op_threads. "
         "1: one session, one batch at a time. Ignored on a GPU.",
     )
+    worker_niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description="Added to the nice value of the decode and inference threads (Linux), so the "
+        "event loop (HTTP, admission, health checks) gets a core first under load; 0: no change.",
+    )
     image_formats: Annotated[list[str], NoDecode] = Field(
         list(DEFAULT_IMAGE_FORMATS),
         description="Image formats an upload may be, comma-separated, from "

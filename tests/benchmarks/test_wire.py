@@ -92,3 +92,41 @@ def test_only_http_urls_with_a_host() -> None:
     assert b"Host: [::1]:8080\r\n" in wire.Target("::1", 8080, "/").post_head("x/y", 0)
     with pytest.raises(ValueError, match="http://"):
         wire.Target.parse("https://127.0.0.1/")
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    answers = [_ok(b"first"), _ok(b"second")]
+    opened = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal opened
+        opened += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()  # keep-alive expired at once, without saying so in the answer
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    target = wire.Target.parse(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    pool, head = wire.Pool(target), target.post_head("text/plain", 1)
+    assert (await pool.request(head, b"x")).body == b"first"
+    await asyncio.sleep(0.05)  # the server's FIN arrives while the connection is idle in the pool
+    assert (await pool.request(head, b"x")).body == b"second"
+    assert opened == 2
+
+    pool.close()
+    server.close()
+
+
+async def test_a_connection_idle_longer_than_servers_keep_them_is_not_reused() -> None:
+    server, port, _, connections = await _serve([_ok(b"a"), _ok(b"b")])  # keeps connections open
+    target = wire.Target.parse(f"http://127.0.0.1:{port}/")
+    pool, head = wire.Pool(target), target.post_head("text/plain", 1)
+    await pool.request(head, b"x")
+    (idle,) = pool._idle
+    idle.idle_since -= wire.MAX_IDLE_S + 1  # as if it had waited that long
+    assert (await pool.request(head, b"x")).body == b"b"
+    assert connections() == 2
+    pool.close()
+    server.close()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import httpx
 import pytest
 
@@ -117,3 +121,13 @@ def test_openapi_documents_the_classify_upload(live: LiveServer) -> None:
         spec["paths"]
     )
     assert httpx.get(f"{live.url}/docs").status_code == 200
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_decoding_gives_way_to_the_event_loop(live: LiveServer) -> None:
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    loop_nice = os.getpriority(os.PRIO_PROCESS, 0)  # the process (and its event loop) as started
+    decode_nice = live.app.state.decode_pool.submit(nice).result(5)
+    assert decode_nice == min(loop_nice + live.app.state.settings.worker_niceness, 19) > loop_nice
