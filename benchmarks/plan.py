@@ -57,8 +57,8 @@ class Plan:
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     offline_seconds: float = 3.0
     single_image_calls: int = 30
-    paired_blocks: int = 80  # c=1 against the in-process floor, alternating blocks (benchmarks.paired)
-    paired_block_size: int = 4
+    paired_blocks: int = 120  # c=1 against the in-process floor, alternating blocks (benchmarks.paired)
+    paired_block_size: int = 3
     saturation: int = 32
     point_seconds: float = 20.0
     point_requests: int = 3000
