@@ -56,6 +56,7 @@ class Plan:
     agreement_images: int = 64
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     offline_seconds: float = 3.0
+    limit_check_seconds: float = 3.0  # the limit again, just before and after each saturation point
     single_image_calls: int = 30
     paired_blocks: int = 120  # c=1 against the in-process floor, alternating blocks (benchmarks.paired)
     paired_block_size: int = 3
@@ -133,6 +134,7 @@ def quick_plan(out_dir: Path, work_dir: Path, **changes) -> Plan:
         sections=("peak", "offline", "http-floor", "naive-torch", "vitserve"),
         model="tiny", hi_resolution=48, demo_repo=None, image_kinds=("jpeg-64x48", "png-128x128"),
         images_per_kind=4, agreement_images=8, batch_sizes=(1, 4), offline_seconds=0.05,
+        limit_check_seconds=0.05,
         single_image_calls=3, paired_blocks=3, paired_block_size=2, saturation=4, point_seconds=1.0,
         point_requests=12, warmup_requests=2,
         timeout_s=10.0, gemm_n=256,

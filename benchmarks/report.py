@@ -91,7 +91,7 @@ def _split_cell(split: dict, key: str, scale: float) -> str:
 
 def server_row(r: dict) -> list[str]:
     if "skipped" in r:
-        return [r.get("label", r["server"]), r.get("point", ""), f"skipped: {r['skipped']}"] + [""] * 13
+        return [r.get("label", r["server"]), r.get("point", ""), f"skipped: {r['skipped']}"] + [""] * 14
     lat, split, cores = r["latency"], r.get("split", {}), r.get("cores_used", {})
     errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
     resolution = r["query"].get("resolution", "native")
@@ -102,20 +102,23 @@ def server_row(r: dict) -> list[str]:
         _split_cell(split, "batch_size", 1), _split_cell(split, "queue_wait_s", 1e3),
         _split_cell(split, "inference_s", 1e3),
         f"{_f(cores.get('server_cpu'))} / {_f(cores.get('client_cpu'))}",
+        " / ".join(_f(x) for x in r["limit_around"]) if r.get("limit_around") else "–",
     ]  # fmt: skip
 
 
 def servers_section(results: dict) -> list[str]:
     header = ["server", "load", "model", "variant", "resolution", "input", "images/s", "p50 ms", "p90 ms",
               "p99 ms", "max ms", "non-200", "mean batch", "queue wait ms", "inference ms/batch",
-              "cores: server / client"]  # fmt: skip
+              "cores: server / client", "limit before / after"]  # fmt: skip
     return [
         "## Servers, same model file, same images, same machine",
         "",
         "Closed loop `c=N`: N requests in flight, one image each (multipart upload). Open loop: Poisson"
         " arrivals at a multiple of the server's own `c=32` throughput. Batch and time split from the"
         " server's `/metrics` (vitserve only), over the measured window. Cores: CPU time of the server's"
-        " processes and of the load generator over the window's wall time (the client shares the machine).",
+        " processes and of the load generator over the window's wall time (the client shares the machine)."
+        " Limit before / after: the decode-included limit (images/s) measured in-process just before and"
+        " just after a saturation run, the server idle meanwhile; the throughput targets use their mean.",
         "",
         *_table(header, [server_row(r) for r in results["servers"]]),
     ]

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Suite:
         }  # fmt: skip
         self.images: dict[str, list[EncodedImage]] = {}
         self.payloads: dict[str, list[Payload]] = {}
+        self._limit_models: dict[tuple[str, str], tuple[offline.OrtModel, offline.OrtModel | None]] = {}
 
     def save(self) -> Path:
         self.plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +190,8 @@ class Suite:
                          env=server.env, cwd=servers.REPO_ROOT) as proc:  # fmt: skip
                 saturated = None
                 for point in points:
-                    row = self.measure_point(server, port, proc.pid, point, saturated)
+                    around = self.limit_check(model, variant) if self.is_saturation(point) else None
+                    row = self.measure_point(server, port, proc.pid, point, saturated, around)
                     row.update(model=model.name, variant=variant, **(extra or {}))
                     if point.name == f"c={self.plan.saturation}" and not point.query and saturated is None:
                         saturated = row["images_per_s"]
@@ -199,8 +202,44 @@ class Suite:
         except ServerStartError as exc:
             self.skip(server.key, f"{server.label} did not start: {exc}")
 
+    def is_saturation(self, point: LoadPoint) -> bool:
+        """The point the throughput targets judge: saturation, main input, native resolution."""
+        plan = self.plan
+        return point.name == f"c={plan.saturation}" and point.image_kind == plan.main_kind and not point.query
+
+    def limit_check(self, built: BuiltModel, variant: str) -> Callable[[], float] | None:
+        """The decode-included limit measured now (the better of one session and lanes, at the batch
+        sizes the offline section found), for a ratio that the host's drift does not skew."""
+        cfg, kind = built.config, self.plan.main_kind
+        row = next((r for r in self.results["offline"] if r["model"] == built.name and r["variant"] == variant
+                    and r["resolution"] == list(cfg.image_size)), None)  # fmt: skip
+        if row is None:
+            return None
+        key = (built.name, variant)
+        if key not in self._limit_models:
+            path = built.onnx_path(variant)
+            narrow = offline.OrtModel(path, cfg, threads=1) if "lanes" in row else None
+            self._limit_models[key] = (offline.OrtModel(path, cfg), narrow)
+        single, narrow = self._limit_models[key]
+        decode, images, secs = (
+            offline.decoder(cfg, cfg.image_size),
+            self.images[kind],
+            self.plan.limit_check_seconds,
+        )
+
+        def measure() -> float:
+            rate = offline.decode_included(single, images, decode, row["best_batch"], secs)
+            if narrow is not None:
+                lanes = row["lanes"]
+                rate = max(rate, offline.lanes_decode_included(
+                    narrow, images, decode, lanes["best_batch"], secs, lanes["lanes"]
+                ))  # fmt: skip
+            return rate
+
+        return measure
+
     def measure_point(self, server: servers.ServerUnderTest, port: int, pid: int, point: LoadPoint,
-                      saturated: float | None) -> dict:  # fmt: skip
+                      saturated: float | None, limit: Callable[[], float] | None = None) -> dict:  # fmt: skip
         row = {"server": server.key, "label": server.label, "point": point.name,
                "image_kind": point.image_kind, "query": point.query}  # fmt: skip
         spec = point.spec
@@ -220,11 +259,15 @@ class Suite:
             }
 
         url, payloads = server.classify_url(port, point.query), self.payloads[point.image_kind]
+        limit_before = limit() if limit else None  # the server is idle meanwhile
         result = run_load_sync(url, payloads, spec, after_warmup=lambda: before.update(snapshot()))
         after = snapshot()
         cores = {k: (after[k] - before[k]) / result["wall_s"] for k in ("server_cpu", "client_cpu")}
         split = run_split(before["metrics"], after["metrics"], server.metrics_match)
-        return {**row, **result, "split": split, "cores_used": cores}
+        row = {**row, **result, "split": split, "cores_used": cores}
+        if limit is not None:
+            row["limit_around"] = [limit_before, limit()]
+        return row
 
     def measure_paired(
         self, server: servers.ServerUnderTest, port: int, model: BuiltModel, variant: str

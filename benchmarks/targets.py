@@ -42,26 +42,63 @@ def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("met" if ok else "**missed**")
 
 
+def _near_limit(row: dict) -> float | None:
+    """The decode-included limit measured just before and after this row's run (their mean)."""
+    around = [x for x in row.get("limit_around") or () if x]
+    return sum(around) / len(around) if around else None
+
+
+def _share(row: dict) -> float | None:
+    near = _near_limit(row)
+    return row["images_per_s"] / near if near else None
+
+
 def throughput_targets(results: dict, sat: str) -> list[dict]:
+    """Saturated throughput against the limit and against the best contender. Where the limit was
+    measured around each run (`limit_around`), the ratios use it: each server's share of the limit
+    at the time it ran, so the host's drift between runs minutes apart cancels."""
     limit = _limit(results)
     contenders = [(c, _server_row(results, c, sat)) for c in CONTENDERS]
     contenders = [(c, r) for c, r in contenders if r]
-    best = max(contenders, key=lambda cr: cr[1]["images_per_s"], default=None)
+    shared = all(_share(r) for _, r in contenders)
+    rank = (lambda cr: _share(cr[1])) if shared else (lambda cr: cr[1]["images_per_s"])
+    best = max(contenders, key=rank, default=None)
     out = []
     for key, label in VITSERVE:
         row = _server_row(results, key, sat)
-        ips = row["images_per_s"] if row else None
-        if limit and ips is not None:
-            best_limit = limit_decode_images_per_s(limit)
-            ratio = ips / best_limit
-            fig = f"{ips:.1f} vs limit {best_limit:.1f} images/s = {ratio:.0%}"
+        if row is None:
+            continue
+        ips, near = row["images_per_s"], _near_limit(row)
+        if near:
+            low, high = sorted(row["limit_around"])
+            fig = (
+                f"{ips:.1f} vs limit {near:.1f} images/s measured around the run ({low:.1f}-{high:.1f})"
+                f" = {ips / near:.0%}"
+            )
+            if limit:
+                fig += (
+                    f"; the offline section's limit, minutes earlier: {limit_decode_images_per_s(limit):.1f}"
+                )
             out.append({"target": f"{label}: saturated ≥ 90% of decode-included limit", "figure": fig,
-                        "verdict": _verdict(ratio >= 0.9)})  # fmt: skip
-        if best and ips is not None:
-            ratio = ips / best[1]["images_per_s"]
-            fig = f"{ips:.1f} vs {best[0]} {best[1]['images_per_s']:.1f} images/s = {ratio:.2f}×"
-            out.append({"target": f"{label}: ≥ 1.3× best contender", "figure": fig,
-                        "verdict": _verdict(ratio >= 1.3)})  # fmt: skip
+                        "verdict": _verdict(ips / near >= 0.9)})  # fmt: skip
+        elif limit:
+            best_limit = limit_decode_images_per_s(limit)
+            fig = f"{ips:.1f} vs limit {best_limit:.1f} images/s = {ips / best_limit:.0%}"
+            out.append({"target": f"{label}: saturated ≥ 90% of decode-included limit", "figure": fig,
+                        "verdict": _verdict(ips / best_limit >= 0.9)})  # fmt: skip
+        if best is None:
+            continue
+        name, other = best
+        raw = ips / other["images_per_s"]
+        fig = f"{ips:.1f} vs {name} {other['images_per_s']:.1f} images/s = {raw:.2f}×"
+        ratio = raw
+        if shared and near:
+            ratio = _share(row) / _share(other)
+            mine, theirs = _share(row), _share(other)
+            fig += f"; as shares of the limit measured around each run: {mine:.0%} vs {theirs:.0%}"
+            fig += f" = {ratio:.2f}×"
+        out.append({"target": f"{label}: ≥ 1.3× best contender", "figure": fig,
+                    "verdict": _verdict(ratio >= 1.3)})  # fmt: skip
     return out
 
 

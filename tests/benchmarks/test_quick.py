@@ -63,6 +63,8 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     hi_res = [r for r in rows if r["query"].get("resolution") == "48"]
     assert hi_res and all(r["ok"] > 0 for r in hi_res)
     assert any(r["point"] == "open 2x" and r["spec"]["mode"] == "open" for r in rows)
+    saturation = [r for r in main if r["point"] == "c=4" and r["variant"] == "fp32"]
+    assert saturation and all(len(r["limit_around"]) == 2 and min(r["limit_around"]) > 0 for r in saturation)
     paired = {r["server"]: r for r in results["paired"]}  # c=1 against in-process, both vitserve rows
     assert set(paired) == {"vitserve", "vitserve-tuned"}
     assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())

@@ -123,3 +123,17 @@ def test_the_paired_gap_decides_the_latency_target_when_measured():
     results["paired"] = [_paired(2.3)]
     assert _verdicts(results)[latency] == "**missed**"
     assert "## Concurrency 1 against the in-process floor, paired" in markdown(results)
+
+
+def test_throughput_is_judged_against_the_limit_measured_around_each_run():
+    results = _results(vit_sat=95.0)  # offline limit 100: 95% and 95/70 = 1.36x as measured apart
+    rows = {(r["server"], r["point"], r.get("variant")): r for r in results["servers"] if "point" in r}
+    rows[("vitserve", "c=32", "fp32")]["limit_around"] = [120.0, 110.0]  # the host got faster
+    for name in ("naive-torch", "litserve", "rayserve"):
+        rows[(name, "c=32", "fp32")]["limit_around"] = [80.0, 80.0]  # and was slower for these
+    v = {t["target"]: t for t in evaluate(results)}
+    share = v["defaults: saturated ≥ 90% of decode-included limit"]
+    assert share["verdict"] == "**missed**" and "measured around the run" in share["figure"]  # 95/115
+    best = v["defaults: ≥ 1.3× best contender"]
+    assert best["verdict"] == "**missed**" and "litserve" in best["figure"]  # 83% vs 88% of their limits
+    assert "limit before / after" in markdown(results)
