@@ -40,7 +40,7 @@ audit: $(VENV)/.dev
 demo-model: $(VENV)/.dev
 	$(PY) -m training demo --repo model_repo $(DEMO_ARGS)
 
-# The full benchmark suite (~17 min on 2 cores; run it on a quiet machine). It builds the competitors'
+# The full benchmark suite (~21 min on 2 cores; run it on a quiet machine). It builds the competitors'
 # venvs under benchmarks/.venvs/ on first use and rewrites the table in benchmarks/RESULTS.md.
 # BENCH_ARGS=--quick for the seconds-long smoke run.
 bench: $(VENV)/.dev
