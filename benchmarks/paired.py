@@ -72,8 +72,8 @@ async def paired_latency(
     try:
         sender = Sender(pool, payloads, timeout_s)
         await _server_block(sender, 2, errors)  # a connection, and the server's first answers
-        for b in range(blocks):
-            here = _local_block(run_one, images, block_size, b * block_size)
+        for _ in range(blocks):  # both sides of a pair run the same images, in the same order
+            here = _local_block(run_one, images, block_size, sender.next_index)
             there = await _server_block(sender, block_size, errors)
             local += here
             server += there

@@ -108,12 +108,17 @@ class Connection:
             name, sep, value = line.partition(":")
             if sep:
                 headers[name.strip().lower()] = value.strip()
-        if headers.get("transfer-encoding", "").lower() == "chunked":
+        status = int(rest[:3])
+        keep = "close" not in _tokens(headers.get("connection", "")) and version == "HTTP/1.1"
+        if "chunked" in _tokens(headers.get("transfer-encoding", "")):
             body = await self._read_chunked()
-        else:
-            body = await self._reader.readexactly(int(headers.get("content-length", "0")))
-        keep = headers.get("connection", "").lower() != "close" and version == "HTTP/1.1"
-        return Answer(int(rest[:3]), body), keep
+        elif "content-length" in headers:
+            body = await self._reader.readexactly(int(headers["content-length"]))
+        elif status in (204, 304) or status < 200:
+            body = b""
+        else:  # delimited by the end of the connection (RFC 9112 6.3)
+            body, keep = await self._reader.read(), False
+        return Answer(status, body), keep
 
     async def _read_chunked(self) -> bytes:
         assert self._reader is not None
@@ -132,6 +137,10 @@ class Connection:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+def _tokens(value: str) -> set[str]:
+    return {t.strip().lower() for t in value.split(",")}
 
 
 class Pool:

@@ -16,8 +16,9 @@ Policy (also in the README):
   the session's lanes (`server.runtime`). A batch taken while nothing else runs and nothing else
   is queued or being decoded runs alone on every core instead, and no lane starts until it ends: a
   lone request gets the whole machine, a busy server gets the lanes' throughput.
-* An item whose deadline passes while queued is answered `DeadlineExceededError` (504) and never run;
-  an item whose caller went away (task cancelled: client disconnected) is dropped.
+* An item whose deadline passes while decoding or queued is answered `DeadlineExceededError` (504)
+  at once and never run; an item whose caller went away (task cancelled: client disconnected) is
+  dropped.
 * A batch that raises fails every item in it (`InferenceFailedError`), logged once; the next batch runs.
 
 ONNX Runtime releases the GIL, so the inference threads run in parallel with the event loop and
@@ -32,7 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from enum import Enum
 
@@ -121,7 +122,6 @@ class Admission:
         """
         if self._left <= 0:
             raise RuntimeError("more images submitted than admitted")
-        self._left -= 1
         batcher, item = self._batcher, _Item(self.hw, self._batcher._loop.create_future())
 
         def work() -> None:
@@ -129,21 +129,30 @@ class Admission:
                 pixels = prepare()
                 self._check(pixels)
             except BaseException as exc:
+                batcher._drop_decoding(item)  # first: a deadline passing now is not this error's 504
                 batcher._release(self.hw, 1)
                 batcher._call_loop(batcher._fail, item, exc)
                 return
             batcher._queue(item, pixels, self.deadline)
 
+        def never_ran(job: Future) -> None:  # cancelled before it started: by us, or a pool shutdown
+            if job.cancelled():
+                batcher._drop_decoding(item)
+                batcher._release(self.hw, 1)
+                batcher._call_loop(batcher._fail, item, ShuttingDownError())
+
+        job = pool.submit(work)  # raises if the pool is shut down; the reservation stays unused
+        self._left -= 1
+        job.add_done_callback(never_ran)
         batcher._arm(item, self.deadline)
-        job = pool.submit(work)
         try:
             return await item.future
         except asyncio.CancelledError:
-            if job.cancel():  # never started: its reservation is returned here
-                batcher._release(self.hw, 1)
-                batcher._disarm(item)
-            else:  # running (`_queue` will drop it) or done (queued: taken out again)
+            if not job.cancel():  # started: `_queue` drops it, or takes it out of the queue again
                 batcher._cancel(item)
+            raise
+        except DeadlineExceededError:
+            job.cancel()  # still waiting for a decode thread: nobody wants its pixels any more
             raise
 
     def _check(self, pixels: np.ndarray) -> None:
@@ -322,6 +331,12 @@ class Batcher:
         self._metrics.rejected.labels(self.model, "deadline").inc()
         if not item.future.done():
             item.future.set_exception(DeadlineExceededError())
+
+    def _drop_decoding(self, item: _Item) -> None:
+        """An item that will never be queued (its decode failed or never ran) leaves DECODING."""
+        with self._cond:
+            if item.state is _State.DECODING:
+                item.state = _State.CANCELLED
 
     def _fail(self, item: _Item, exc: BaseException) -> None:
         """Its pixels could not be prepared (a decode thread's error, delivered on the loop)."""

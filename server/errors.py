@@ -139,7 +139,7 @@ class ShuttingDownError(UnavailableError):
 
 class DeadlineExceededError(ServerError):
     status = 504
-    detail = "the request timed out in the queue before it could run"
+    detail = "the request timed out before it could run"
 
 
 class InferenceFailedError(ServerError):

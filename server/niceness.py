@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ MAX_NICE = 19
 
 def lower_thread_priority(niceness: int) -> None:
     """Add `niceness` to the calling thread's nice value (0: nothing); never raises."""
-    if niceness <= 0:
+    if niceness <= 0 or sys.platform != "linux":  # elsewhere a thread id is not a process id
         return
     try:
         tid = threading.get_native_id()

@@ -93,7 +93,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
         415: {"description": "Neither multipart/form-data nor image/*"},
         422: {"description": "A query parameter out of its range (the detail names it)"},
         503: {"description": "Queue full (see Retry-After) or model not ready"},
-        504: {"description": "Deadline passed while queued"},
+        504: {"description": "Deadline passed before the image could run (decoding or queued)"},
     },
 )
 async def classify(request: Request) -> Response:

@@ -140,29 +140,38 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     task = asyncio.current_task()
     assert task is not None
     watch = asyncio.ensure_future(_wait_disconnect(request))
-    gone = False
+    gone = finished = False
 
     def on_disconnect(_: asyncio.Future) -> None:
         nonlocal gone
-        if not watch.cancelled():
-            watch.exception()  # a failed receive also means nobody is there to answer
-            gone = True
-            task.cancel()
+        if finished or watch.cancelled():  # a callback already scheduled when `work` returned
+            return
+        watch.exception()  # a failed receive also means nobody is there to answer
+        gone = True
+        task.cancel()
 
     watch.add_done_callback(on_disconnect)
     try:
-        result = await work
+        return await work
     except asyncio.CancelledError:
         if not gone:
             raise
-        task.uncancel()  # this cancellation was ours, and it is answered here
+        gone = False
+        if _uncancel(task):
+            raise  # cancelled from elsewhere too (shutdown, a timeout): that one goes on
         raise ClientClosedError() from None
     finally:
+        finished = True
         watch.remove_done_callback(on_disconnect)
         watch.cancel()
-    if gone:  # `work` finished despite our cancellation
-        task.uncancel()
-    return result
+        if gone:  # `work` ended some other way after our cancellation: take it back
+            _uncancel(task)
+
+
+def _uncancel(task: asyncio.Task) -> int:
+    """Take back one cancellation; how many are still pending (Python 3.11+ counts them)."""
+    uncancel = getattr(task, "uncancel", None)
+    return uncancel() if uncancel is not None else 0
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -5,7 +5,8 @@ exceptions, an exit stack), the router's matching and the route's parameter hand
 of event-loop CPU per request on the 2-core development machine, on a path that at concurrency 1
 is the whole of a request's overhead. A direct route keeps everything that decides an answer: the
 app's middleware (`app.user_middleware`: request metrics and ids, body limits, CORS, the 500
-handler) and its exception handlers; it drops the rest. The route stays an ordinary `APIRoute`, so
+handler) and its exception handlers (by exception class); it drops the rest, FastAPI's
+OpenTelemetry middleware included. The route stays an ordinary `APIRoute`, so
 OpenAPI documents it, and other methods on its path still reach FastAPI (405).
 
 A direct endpoint takes only the `Request` and returns a `Response`; `DirectEndpoint` refuses any
@@ -85,6 +86,8 @@ def direct_stack(app: FastAPI, framework: ASGIApp, routes: Iterable[APIRoute]) -
         framework: What every other request goes to.
         routes: APIRoutes of routers that `app` includes without a prefix.
     """
+    if getattr(app, "max_body_size", None) is not None:  # FastAPI's own limit, which this skips
+        raise ValueError("direct routes skip FastAPI's max_body_size; bodies are limited by BodyGuard")
     stacks = {}
     for route in routes:
         stack: ASGIApp = DirectEndpoint(route, app.exception_handlers)

@@ -29,8 +29,9 @@ async def _serve(answers: list[bytes]):
             answer = answers.pop(0)
             writer.write(answer)
             await writer.drain()
-            if b"connection: close" in answer.lower():
-                break
+            lowered = answer.lower()
+            if b"connection: close" in lowered or (b"length" not in lowered and b"chunked" not in lowered):
+                break  # told to, or the body ends where the connection does
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -130,3 +131,20 @@ async def test_a_connection_idle_longer_than_servers_keep_them_is_not_reused() -
     assert connections() == 2
     pool.close()
     server.close()
+
+
+async def test_an_answer_without_a_length_is_read_to_the_end_and_its_connection_dropped() -> None:
+    unframed = b"HTTP/1.1 200 OK\r\nx-note: no framing\r\n\r\nall of it"
+    server, port, _, connections = await _serve([unframed, _ok(b"next")])
+    target = wire.Target.parse(f"http://127.0.0.1:{port}/")
+    pool, head = wire.Pool(target), target.post_head("text/plain", 1)
+    assert (await pool.request(head, b"x")).body == b"all of it"
+    assert (await pool.request(head, b"x")).body == b"next"
+    assert connections() == 2
+    pool.close()
+    server.close()
+
+
+def test_header_tokens_are_read_from_comma_lists() -> None:
+    assert wire._tokens("keep-alive, Close") == {"keep-alive", "close"}
+    assert "chunked" in wire._tokens("gzip, chunked")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.batcher import Batcher, BatchPolicy
-from server.errors import DeadlineExceededError, InvalidImageError
+from server.errors import DeadlineExceededError, InvalidImageError, ShuttingDownError
 from server.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
@@ -140,4 +140,34 @@ async def test_the_deadline_answers_an_image_still_decoding_at_once() -> None:
         finish.set()
     assert model.images == 0 and _idle(b)
     assert b._metrics.rejected.labels("m", "deadline")._value.get() == 1
+    await b.drain()
+
+
+async def test_a_deadline_while_waiting_for_a_decode_thread_returns_the_room_at_once() -> None:
+    model, hold = Model(), threading.Event()
+    b = _batcher(model, timeout_s=0.05)
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(hold.wait, 5)  # the only decode thread is busy: this image's job waits
+        with b.admit(HW, 1) as adm, pytest.raises(DeadlineExceededError):
+            await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+        assert b._reserved == 0  # its job was cancelled: nothing is decoded for nobody
+        hold.set()
+    assert model.images == 0 and _idle(b)
+    await b.drain()
+
+
+async def test_a_pool_shut_down_under_a_waiting_image_answers_it_and_keeps_nothing() -> None:
+    b, hold = _batcher(Model()), threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(hold.wait, 5)
+    with b.admit(HW, 2) as adm:
+        waiting = asyncio.ensure_future(adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool))
+        await asyncio.sleep(0.02)
+        pool.shutdown(wait=False, cancel_futures=True)  # as the server's shutdown does
+        with pytest.raises(ShuttingDownError):
+            await asyncio.wait_for(waiting, 2.0)
+        with pytest.raises(RuntimeError):  # a pool that is shut down takes no more work
+            await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+    hold.set()
+    assert _idle(b)  # both reservations are back: the cancelled job's and the refused one's
     await b.drain()
