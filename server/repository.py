@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from server.admission import AdmissionControl, ServiceTime, WaitBound, relative_cost
 from server.batcher import Batcher, BatchPolicy
 from server.errors import ModelLoadError, ModelNotFoundError, ModelNotReadyError
+from server.heap import freeze_long_lived
 from server.metrics import Metrics
 from server.model_config import CONFIG_FILE, ModelConfig
 from server.model_version import ModelState, ModelVersion, gather_cancelling
@@ -178,23 +179,27 @@ class ModelRepository:
             raise ModelNotFoundError(_not_found(name))
         entry = self._entries.setdefault(name, ModelEntry(name, path))
         async with entry.lock:
-            self._read_config(entry)
-            on_disk = self._version_dirs(path)
-            for gone in [v for v in entry.versions if v not in on_disk]:
-                await self._unload_version(entry.versions.pop(gone))
-            if entry.config is None:
-                for mv in entry.versions.values():
-                    if not mv.ready:
-                        self._set_state(mv, ModelState.FAILED, entry.error)
-                return entry
-            for number, vdir in sorted(on_disk.items()):
-                current = entry.versions.get(number)
-                if current is not None and current.state in (ModelState.READY, ModelState.LOADING):
-                    continue
-                mv = ModelVersion(name, number, vdir, entry.config, self._policy(entry.config))
-                entry.versions[number] = mv
-                await self._load_version(mv)
+            await self._sync_versions(entry, path)
+        freeze_long_lived()
         return entry
+
+    async def _sync_versions(self, entry: ModelEntry, path: Path) -> None:
+        self._read_config(entry)
+        on_disk = self._version_dirs(path)
+        for gone in [v for v in entry.versions if v not in on_disk]:
+            await self._unload_version(entry.versions.pop(gone))
+        if entry.config is None:
+            for mv in entry.versions.values():
+                if not mv.ready:
+                    self._set_state(mv, ModelState.FAILED, entry.error)
+            return
+        for number, vdir in sorted(on_disk.items()):
+            current = entry.versions.get(number)
+            if current is not None and current.state in (ModelState.READY, ModelState.LOADING):
+                continue
+            mv = ModelVersion(entry.name, number, vdir, entry.config, self._policy(entry.config))
+            entry.versions[number] = mv
+            await self._load_version(mv)
 
     async def unload(self, name: str) -> ModelEntry:
         """Stop serving every version of a model once what it has admitted has been answered."""
@@ -202,6 +207,7 @@ class ModelRepository:
         async with entry.lock:
             for mv in entry.versions.values():
                 await self._unload_version(mv)
+        freeze_long_lived()
         return entry
 
     async def close(self, timeout_s: float | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -192,3 +193,18 @@ def test_gpu_provider_options(tiny_repo: TinyRepo, tmp_path: Path) -> None:
         trt["trt_profile_max_shapes"] == "pixel_values:16x3x256x256,pos_embed_rows:32x4,pos_embed_cols:32x4"
     )
     assert trt["trt_engine_cache_path"] == str(tmp_path) and trt["trt_fp16_enable"] == "True"
+
+
+async def test_load_and_unload_freeze_the_heap(repo_dir: Path) -> None:
+    """Full collections must not walk the loaded models (they paused the event loop ~80 ms)."""
+    repo = _repo(repo_dir, default="tiny")
+    try:
+        gc.unfreeze()
+        await repo.load("tiny")
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        await repo.unload("tiny")
+        assert gc.get_freeze_count() > 0
+        await repo.close()
+    finally:
+        gc.unfreeze()
