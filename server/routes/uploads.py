@@ -1,7 +1,8 @@
 """Reading uploads from a request within limits: image/* bodies and multipart `image` fields.
 
-Bodies are streamed and counted; going over `max_bytes` stops reading at once (413), so a large
-upload never sits whole in memory. Multipart files spool to disk beyond 1 MiB (Starlette).
+Bodies are streamed and counted; going over `max_bytes` stops reading at once (413). A body is
+then held whole, within the upload budget (server.guards), and multipart parts are cut out of it
+(server.routes.multipart).
 
 The format of an image is read from its bytes, never from a file name or a declared type; a declared
 type is only used to refuse at once (415) what says it is something else (SVG, PDF, TIFF, text...).
@@ -14,11 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from server.errors import BadRequestError, ClientClosedError, PayloadTooLargeError, UnsupportedMediaTypeError
+from server.routes import multipart
 
 IMAGE_FIELD = "image"
 _MAX_OTHER_FIELDS = 16
@@ -97,31 +97,35 @@ async def read_images(request: Request, limits: UploadLimits) -> list[bytes]:
 
 
 async def _read_multipart(request: Request, limits: UploadLimits) -> list[bytes]:
-    parser = MultiPartParser(
-        request.headers,
-        _limited(request, limits.max_bytes),
-        max_files=limits.max_images,
-        max_fields=_MAX_OTHER_FIELDS,
-        max_part_size=_MAX_FIELD_BYTES,
-    )
     try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        if "Too many files" in exc.message:
-            raise PayloadTooLargeError(f"too many images: at most {limits.max_images} per request") from exc
-        if "Too many fields" in exc.message:
-            raise PayloadTooLargeError(f"too many form fields: at most {_MAX_OTHER_FIELDS}") from exc
-        raise BadRequestError(f"malformed multipart body: {exc.message}") from exc
+        boundary = multipart.boundary_of(request.headers.get("content-type", ""))
+    except multipart.MultipartError as exc:
+        raise BadRequestError(f"malformed multipart body: {exc}") from exc
+    body = await read_body(request, limits.max_bytes)
+    part_limits = multipart.PartLimits(limits.max_images, _MAX_OTHER_FIELDS, _MAX_FIELD_BYTES)
     try:
-        images = []
-        for value in form.getlist(IMAGE_FIELD):
-            if not isinstance(value, UploadFile):
-                raise BadRequestError("the 'image' field must be a file upload (curl -F image=@photo.jpg)")
-            _check_declared(_media_type(value.content_type or ""), limits)
-            images.append(await value.read())
-        return images
-    finally:
-        await form.close()
+        parts = multipart.parse(body, boundary, part_limits)
+    except multipart.MultipartLimitError as exc:
+        raise PayloadTooLargeError(_limit_detail(exc, limits)) from exc
+    except multipart.MultipartError as exc:
+        raise BadRequestError(f"malformed multipart body: {exc}") from exc
+    images = []
+    for part in parts:
+        if part.name != IMAGE_FIELD:
+            continue
+        if part.filename is None:
+            raise BadRequestError("the 'image' field must be a file upload (curl -F image=@photo.jpg)")
+        _check_declared(part.content_type, limits)
+        images.append(part.data)
+    return images
+
+
+def _limit_detail(exc: multipart.MultipartLimitError, limits: UploadLimits) -> str:
+    if str(exc) == "too many files":
+        return f"too many images: at most {limits.max_images} per request"
+    if str(exc) == "too many fields":
+        return f"too many form fields: at most {_MAX_OTHER_FIELDS}"
+    return f"form field too large: {exc}"
 
 
 def _media_type(header: str) -> str:
