@@ -19,3 +19,14 @@ def test_top_k_sorted_labelled_and_clipped() -> None:
     assert out[0][0]["score"] > out[0][1]["score"]
     assert len(top_k(logits, ["a", "b", "c"], 50)[0]) == 3
     assert abs(sum(p["score"] for p in top_k(logits, ["a", "b", "c"], 3)[1]) - 1.0) < 1e-9
+
+
+def test_top_k_equals_a_full_stable_sort_with_ties_at_the_cut() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 4, size=(64, 1000)).astype(np.float32)  # many ties everywhere
+    labels = [str(i) for i in range(1000)]
+    for k in (1, 5, 37, 1000):
+        probs = softmax(logits)
+        want = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        got = [[p["index"] for p in row] for row in top_k(logits, labels, k)]
+        assert got == want.tolist(), k
