@@ -4,6 +4,8 @@
 that one buffer with a few `bytes.find` calls. Starlette's streaming parser (python-multipart
 callbacks, a spooled file per part) cost about 0.3 ms more of the event loop per request on a
 ViT-S/16 at concurrency 1, about a tenth of what the server adds to in-process inference there.
+A request holds about twice its body for a moment (the body, then its parts copied out of it, as
+bytes for the decoder), and then its images only; the upload budget counts the body.
 
 Strict where RFC 7578 lets a server be: the body starts with its first boundary (no preamble),
 every part has a ``form-data`` Content-Disposition with a name, part headers are few and short, the
