@@ -38,7 +38,10 @@ def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Predic
     kth = np.partition(probs, probs.shape[-1] - k, axis=-1)[:, -k]
     rows = []
     for row, cut in zip(probs, kth, strict=True):
-        idx = np.flatnonzero(row >= cut)
-        idx = idx[np.argsort(-row[idx], kind="stable")[:k]]
+        if np.isfinite(cut):
+            idx = np.flatnonzero(row >= cut)
+            idx = idx[np.argsort(-row[idx], kind="stable")[:k]]
+        else:  # non-finite logits make the row NaN: still k classes, scored null (routes.classify)
+            idx = np.argsort(-row, kind="stable")[:k]
         rows.append([Prediction(label=labels[i], index=int(i), score=float(row[i])) for i in idx])
     return rows

@@ -159,10 +159,14 @@ class ModelRepository:
     async def load_all(self) -> None:
         """Load every discovered model, the default one first."""
         names = sorted(self._entries, key=lambda n: (n != self.default_model, n))
-        for name in names:
+        changed = False
+        for i, name in enumerate(names):
             if self._stopping:
                 return
-            await self.load(name)
+            changed |= await self._load(name)
+            if changed and i in (0, len(names) - 1):  # the first model serves from here on
+                freeze_long_lived()
+                changed = False
 
     def stop_loading(self) -> None:
         """Make `load_all` stop after the model it is loading (shutdown)."""
@@ -174,25 +178,31 @@ class ModelRepository:
         Raises:
             ModelNotFoundError: No valid model directory of that name in the repository.
         """
+        if await self._load(name):
+            freeze_long_lived()
+        return self.entry(name)
+
+    async def _load(self, name: str) -> bool:
+        """`load` without the heap freeze; whether any version was loaded or unloaded."""
         path = self._model_dir(name)
         if path is None or not (path / CONFIG_FILE).is_file():
             raise ModelNotFoundError(_not_found(name))
         entry = self._entries.setdefault(name, ModelEntry(name, path))
         async with entry.lock:
-            await self._sync_versions(entry, path)
-        freeze_long_lived()
-        return entry
+            return await self._sync_versions(entry, path)
 
-    async def _sync_versions(self, entry: ModelEntry, path: Path) -> None:
+    async def _sync_versions(self, entry: ModelEntry, path: Path) -> bool:
         self._read_config(entry)
         on_disk = self._version_dirs(path)
-        for gone in [v for v in entry.versions if v not in on_disk]:
-            await self._unload_version(entry.versions.pop(gone))
+        gone = [v for v in entry.versions if v not in on_disk]
+        for number in gone:
+            await self._unload_version(entry.versions.pop(number))
         if entry.config is None:
             for mv in entry.versions.values():
                 if not mv.ready:
                     self._set_state(mv, ModelState.FAILED, entry.error)
-            return
+            return bool(gone)
+        loaded = 0
         for number, vdir in sorted(on_disk.items()):
             current = entry.versions.get(number)
             if current is not None and current.state in (ModelState.READY, ModelState.LOADING):
@@ -200,6 +210,8 @@ class ModelRepository:
             mv = ModelVersion(entry.name, number, vdir, entry.config, self._policy(entry.config))
             entry.versions[number] = mv
             await self._load_version(mv)
+            loaded += 1
+        return bool(gone or loaded)
 
     async def unload(self, name: str) -> ModelEntry:
         """Stop serving every version of a model once what it has admitted has been answered."""

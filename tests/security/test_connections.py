@@ -91,7 +91,7 @@ def test_abusive_part_headers(srv, headers: bytes) -> None:
 
 
 def test_a_huge_preamble_is_answered_in_bounded_time(srv) -> None:
-    """python-multipart (0.0.26+) refuses a preamble at its first byte instead of scanning it."""
+    """A preamble is refused at its first byte (server.routes.multipart), never scanned."""
     body = b"x" * (12 * MiB) + b"\r\n" + multipart_body([image_part(png_bytes(0))])
     with HealthProbe(srv.url) as probe:
         r, took = _post_multipart(srv.url, body)

@@ -203,6 +203,8 @@ async def test_load_and_unload_freeze_the_heap(repo_dir: Path) -> None:
         await repo.load("tiny")
         assert gc.get_freeze_count() > 0
         gc.unfreeze()
+        await repo.load("tiny")  # nothing new on disk: no full collection on the event loop
+        assert gc.get_freeze_count() == 0
         await repo.unload("tiny")
         assert gc.get_freeze_count() > 0
         await repo.close()

@@ -48,8 +48,9 @@ def test_header_parameters() -> None:
     )
     assert parameters("Form-Data;NAME=image;") == ("form-data", {"name": "image"})
     assert parameters("multipart/form-data") == ("multipart/form-data", {})
-    with pytest.raises(MultipartError, match="unreadable"):
-        parameters("form-data; name")
+    for bad in ("form-data; name", 'form-data; name="imagee', 'form-data; name="'):
+        with pytest.raises(MultipartError, match="unreadable"):
+            parameters(bad)
 
 
 @pytest.mark.parametrize(
@@ -74,6 +75,8 @@ def test_transport_padding_and_an_epilogue_are_allowed() -> None:
     parts = parse(body + b"epilogue", b"b", LIMITS)
     assert [(p.name, p.filename, p.data) for p in parts] == [("image", "x.png", b"abc")]
     assert parse(b"--b--\r\n", b"b", LIMITS) == []
+    leading = parse(b"\r\n" + multipart_body([image_part(b"abc")], boundary=b"b"), b"b", LIMITS)
+    assert [p.data for p in leading] == [b"abc"]  # an empty preamble, as RFC 2046 allows
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from server.postprocess import softmax, top_k
 
@@ -30,3 +31,10 @@ def test_top_k_equals_a_full_stable_sort_with_ties_at_the_cut() -> None:
         want = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
         got = [[p["index"] for p in row] for row in top_k(logits, labels, k)]
         assert got == want.tolist(), k
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # softmax of inf - inf, expected
+def test_non_finite_logits_still_give_k_classes() -> None:
+    logits = np.array([[1.0, np.nan, 3.0, 0.0, 2.0], [np.inf, 0.0, 1.0, 2.0, 3.0]], np.float32)
+    out = top_k(logits, list("abcde"), 3)
+    assert [len(row) for row in out] == [3, 3]
