@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -79,12 +80,39 @@ def _durations(fn: Callable[[], object], min_seconds: float, min_calls: int = 3)
     return out
 
 
+SWEEP_ROUNDS = 3
+
+
+def _interleaved(steps: dict[int, Callable[[], object]], min_seconds: float) -> dict[int, float]:
+    """Median seconds per call of each step, timed in rounds that visit every step in turn.
+
+    A sweep that timed each batch size in one go read the host's drift as a difference between
+    sizes: on 2026-12-01 batch 1 came out best at 22.4 images/s against 19.1 at batch 8, where
+    every run before had batch 8 ahead. In rounds, each size gets its share of each period.
+    """
+    times: dict[int, list[float]] = {key: [] for key in steps}
+    for fn in steps.values():
+        fn()  # warm-up: first-run allocations and kernel selection
+    for _ in range(SWEEP_ROUNDS):
+        for key, fn in steps.items():
+            spent, calls = 0.0, 0
+            while spent < min_seconds / SWEEP_ROUNDS or not calls:  # at least one call a round
+                calls += 1
+                t = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t)
+                spent += times[key][-1]
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def _batches(tensors: np.ndarray, batch_sizes: list[int]) -> dict[int, np.ndarray]:
+    return {b: np.ascontiguousarray(np.resize(tensors, (b, *tensors.shape[1:]))) for b in batch_sizes}
+
+
 def batch_sweep(model: OrtModel, tensors: np.ndarray, batch_sizes: list[int], min_seconds: float) -> dict:
     """images/s at each batch size on ready tensors (median call time), and the best of them."""
-    per_batch = {}
-    for b in batch_sizes:
-        batch = np.ascontiguousarray(np.resize(tensors, (b, *tensors.shape[1:])))
-        per_batch[b] = b / statistics.median(_durations(lambda batch=batch: model.run(batch), min_seconds))
+    steps = {b: partial(model.run, batch) for b, batch in _batches(tensors, batch_sizes).items()}
+    per_batch = {b: b / t for b, t in _interleaved(steps, min_seconds).items()}
     best = max(per_batch, key=per_batch.get)
     return {"per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best]}
 
@@ -115,16 +143,14 @@ def lanes_sweep(
     model: OrtModel, tensors: np.ndarray, batch_sizes: list[int], min_seconds: float, lanes: int
 ) -> dict:
     """images/s at each batch size with `lanes` threads each running a batch at once, and the best."""
-    per_batch = {}
     with ThreadPoolExecutor(lanes) as pool:
-        for b in batch_sizes:
-            batch = np.ascontiguousarray(np.resize(tensors, (b, *tensors.shape[1:])))
 
-            def step(batch: np.ndarray = batch) -> None:
-                for done in [pool.submit(model.run, batch) for _ in range(lanes)]:
-                    done.result()
+        def step(batch: np.ndarray) -> None:
+            for done in [pool.submit(model.run, batch) for _ in range(lanes)]:
+                done.result()
 
-            per_batch[b] = lanes * b / statistics.median(_durations(step, min_seconds))
+        steps = {b: partial(step, batch) for b, batch in _batches(tensors, batch_sizes).items()}
+        per_batch = {b: lanes * b / t for b, t in _interleaved(steps, min_seconds).items()}
     best = max(per_batch, key=per_batch.get)
     return {"lanes": lanes, "per_batch": per_batch, "best_batch": best, "images_per_s": per_batch[best]}
 
