@@ -8,9 +8,8 @@ A request holds about twice its body for a moment (the body, then its parts copi
 bytes for the decoder), and then its images only; the upload budget counts the body.
 
 Strict where RFC 7578 lets a server be: the body starts with its first boundary (no preamble but
-line breaks),
-every part has a ``form-data`` Content-Disposition with a name, part headers are few and short, the
-closing boundary is there. A part is a file when its disposition has a ``filename``.
+line breaks), every part has a ``form-data`` Content-Disposition with a name, part headers are few
+and short, the closing boundary is there. A part is a file when its disposition has a ``filename``.
 """
 
 from __future__ import annotations
