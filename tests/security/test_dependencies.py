@@ -41,12 +41,6 @@ ADVISORIES = [
     ("starlette", "0.40.0", "GHSA-f96h-pmfr-66vw: multipart fields without a size limit"),
     ("starlette", "0.49.1", "GHSA-2c2j-9gv5-cj73: multipart parsing DoS"),
     ("starlette", "1.0.1", "GHSA-86qp-5c8j-p5mr: Host header poisons request.url.path"),
-    ("python-multipart", "0.0.18", "CVE-2024-53981: logging per byte before the first boundary"),
-    ("python-multipart", "0.0.22", "GHSA-wp53-j4wj-2cfg: file write outside the upload dir"),
-    ("python-multipart", "0.0.26", "GHSA-mj87-hwqh-73pj: large preamble / epilogue DoS"),
-    ("python-multipart", "0.0.27", "GHSA-pp6c-gr5w-3c5g: unbounded part headers DoS"),
-    ("python-multipart", "0.0.30", "GHSA-5rvq-cxj2-64vf: quadratic query-string parsing"),
-    ("python-multipart", "0.0.31", "GHSA-v9pg-7xvm-68hf: negative Content-Length buffers the body"),
     ("h11", "0.16.0", "CVE-2025-43859: request smuggling through chunked-encoding trailers"),
     ("pillow", "12.2.0", "CVE-2026-42308: integer overflow in font glyph advance"),
 ]
