@@ -137,13 +137,19 @@ def serve(settings, ready: bool = True) -> Iterator[LiveServer]:
     """Run `create_app(settings)` on uvicorn in a thread, on a free loopback port."""
     from server.app import create_app
 
-    app = create_app(settings)
+    options = {"log_level": "warning", "timeout_graceful_shutdown": 10}
+    with run_uvicorn(create_app(settings), options, ready) as live:
+        yield live
+
+
+@contextlib.contextmanager
+def run_uvicorn(app, options: dict, ready: bool = True) -> Iterator[LiveServer]:
+    """`app` on uvicorn with `options` (uvicorn.Config keywords) in a thread, on a free loopback port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **{**options, "port": port}))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import uvicorn
 
-from tests.conftest import LiveServer, make_settings, wait_ready
+from tests.conftest import LiveServer, make_settings, run_uvicorn
 
 
 @contextlib.contextmanager
@@ -36,29 +35,9 @@ def serve_hardened(settings, ready: bool = True) -> Iterator[LiveServer]:
     from server.app import create_app
     from server.connections import uvicorn_options
 
-    app = create_app(settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    options = uvicorn_options(settings) | {"log_level": "warning", "port": port}
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **options))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        if ready:
-            wait_ready(url)
-        yield LiveServer(url, app)
-    finally:
-        server.should_exit = True
-        thread.join(20)
-        sock.close()
+    options = uvicorn_options(settings) | {"log_level": "warning"}
+    with run_uvicorn(create_app(settings), options, ready) as live:
+        yield live
 
 
 def hardened(
