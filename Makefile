@@ -22,6 +22,14 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[cpu,train,dev]'
 	touch $@ $(VENV)/.serve
 
+# The OpenVINO build of ONNX Runtime (what `pip install 'vitserve[openvino]'` gives a server venv) cannot
+# share a venv with the CPU build, so tests and benchmarks keep it in its own folder and put that first
+# on PYTHONPATH for the server processes that use it (its dependencies are all in the dev venv).
+ORT_OPENVINO := onnxruntime-openvino==1.24.1
+$(VENV)/openvino/.installed: | $(PY)
+	$(PIP) install -q --no-deps --target $(VENV)/openvino $(ORT_OPENVINO)
+	touch $@
+
 serve: $(VENV)/.serve
 	$(PY) -m server --model-repo model_repo --host $(HOST) --port $(PORT)
 
@@ -29,7 +37,7 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint
+test: lint $(VENV)/openvino/.installed
 	$(PY) -m pytest
 
 # Known-vulnerability audit of requirements/*.lock from PyPI's advisory data (SECURITY.md, "Dependencies").
@@ -43,7 +51,7 @@ demo-model: $(VENV)/.dev
 # The full benchmark suite (~21 min on 2 cores; run it on a quiet machine). It builds the competitors'
 # venvs under benchmarks/.venvs/ on first use and rewrites the table in benchmarks/RESULTS.md.
 # BENCH_ARGS=--quick for the seconds-long smoke run.
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev $(VENV)/openvino/.installed
 	$(PY) -m benchmarks --update-results $(BENCH_ARGS)
 
 clean-venv:

@@ -43,12 +43,14 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to the network.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     providers: Annotated[list[str], NoDecode] = Field(
-        ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ["CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"],
         description="ONNX Runtime execution providers in order of preference, comma-separated; "
         "unavailable ones are skipped. Add TensorrtExecutionProvider first to opt in to TensorRT.",
     )
-    variant: Literal["auto", "fp32", "fp16", "int8"] = Field(
-        "auto", description="Graph variant: auto = fp16 on CUDA when present, else fp32."
+    variant: Literal["auto", "fp32", "fp16", "int8", "bf16"] = Field(
+        "auto",
+        description="Graph variant: auto = fp16 on CUDA when present, bf16 on OpenVINO when the CPU "
+        "has AMX or AVX512-BF16, else fp32. bf16 runs the fp32 graph on OpenVINO only.",
     )
     default_model: str | None = Field(
         None, description="Model used when a request names none; default: the first name in sorted order."

@@ -62,7 +62,7 @@ class VersionInfo(BaseModel):
     version: int
     state: ModelState
     reason: str | None = Field(None, description="Why the version failed to load.")
-    variant: str | None = Field(None, description="Graph variant in use: fp32, fp16 or int8.")
+    variant: str | None = Field(None, description="Graph variant in use: fp32, fp16, int8 or bf16.")
     providers: list[str] = Field(default_factory=list, description="ONNX Runtime providers in use.")
     load_seconds: float | None = None
     queue_depth: int = 0

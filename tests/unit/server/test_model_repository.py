@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,15 @@ from server.errors import InvalidResolutionError, ModelNotFoundError, ModelNotRe
 from server.metrics import Metrics
 from server.model_config import ModelConfig
 from server.repository import ModelRepository, ModelState
-from server.runtime import RuntimeOptions, Session, choose_variant, resolve_providers
+from server.runtime import (
+    OPENVINO,
+    RuntimeOptions,
+    Session,
+    choose_variant,
+    cpu_has_native_bf16,
+    graph_file,
+    resolve_providers,
+)
 from tests.conftest import TinyRepo
 
 pytestmark = pytest.mark.anyio
@@ -144,14 +153,38 @@ async def test_a_repository_with_instances_serves_on_lanes(repo_dir: Path) -> No
 
 
 def test_variant_choice(tmp_path: Path) -> None:
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
     (tmp_path / "model.onnx").write_bytes(b"")
-    assert choose_variant("auto", tmp_path, on_gpu=True) == "fp32"  # no fp16 file
+    assert choose_variant("auto", tmp_path, cuda) == "fp32"  # no fp16 file
     (tmp_path / "model.fp16.onnx").write_bytes(b"")
-    assert choose_variant("auto", tmp_path, on_gpu=True) == "fp16"
-    assert choose_variant("auto", tmp_path, on_gpu=False) == "fp32"
-    assert choose_variant("int8", tmp_path, on_gpu=False) == "fp32"  # asked for, missing: fp32
+    assert choose_variant("auto", tmp_path, cuda) == "fp16"
+    assert choose_variant("auto", tmp_path, cpu) == "fp32"
+    assert choose_variant("int8", tmp_path, cpu) == "fp32"  # asked for, missing: fp32
     (tmp_path / "model.int8.onnx").write_bytes(b"")
-    assert choose_variant("int8", tmp_path, on_gpu=False) == "int8"
+    assert choose_variant("int8", tmp_path, cpu) == "int8"
+
+
+def test_bf16_runs_the_fp32_file_on_openvino_only(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"")
+    assert choose_variant("auto", tmp_path, OPENVINO, native_bf16=True) == "bf16"
+    assert choose_variant("auto", tmp_path, OPENVINO, native_bf16=False) == "fp32"
+    assert choose_variant("bf16", tmp_path, OPENVINO, native_bf16=False) == "bf16"  # asked for: honoured
+    assert graph_file("bf16") == graph_file("fp32") == "model.onnx"
+    with caplog.at_level("WARNING", logger="server.runtime"):
+        assert choose_variant("bf16", tmp_path, "CPUExecutionProvider") == "fp32"
+    assert "bf16 runs on OpenVINOExecutionProvider only" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [("fpu sse2 avx512f avx512_vnni amx_bf16 amx_tile", True), ("fpu avx512f avx512_bf16", True),
+     ("fpu sse2 avx2 avx512f avx512_vnni", False), (None, False)],
+)  # fmt: skip
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str | None, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    if flags is not None:
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
 
 
 def test_providers_keep_order_and_skip_the_unavailable() -> None:
@@ -185,14 +218,50 @@ def test_gpu_provider_options(tiny_repo: TinyRepo, tmp_path: Path) -> None:
 
     config = ModelConfig.load(tiny_repo.path / "tiny")  # patch 8, native 32, sides 16-256
     options = RuntimeOptions(max_batch_size=16, trt_cache_dir=tmp_path)
-    cuda = _provider_options("CUDAExecutionProvider", config, options)
+    cuda = _provider_options("CUDAExecutionProvider", config, options, "fp16")
     assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
-    trt = _provider_options("TensorrtExecutionProvider", config, options)
+    trt = _provider_options("TensorrtExecutionProvider", config, options, "fp16")
     assert trt["trt_profile_min_shapes"] == "pixel_values:1x3x16x16,pos_embed_rows:2x4,pos_embed_cols:2x4"
     assert (
         trt["trt_profile_max_shapes"] == "pixel_values:16x3x256x256,pos_embed_rows:32x4,pos_embed_cols:32x4"
     )
     assert trt["trt_engine_cache_path"] == str(tmp_path) and trt["trt_fp16_enable"] == "True"
+
+
+@pytest.mark.parametrize(("variant", "hint"), [("bf16", "bf16"), ("fp32", "f32"), ("int8", "f32")])
+def test_openvino_options_carry_the_precision(tiny_repo: TinyRepo, variant: str, hint: str) -> None:
+    from server.runtime import _provider_options
+
+    config = ModelConfig.load(tiny_repo.path / "tiny")
+    ov = _provider_options(OPENVINO, config, RuntimeOptions(intra_op_threads=3), variant)
+    assert ov["device_type"] == "CPU" and ov["num_of_threads"] == "3"
+    assert json.loads(ov["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": hint}}
+
+
+def test_the_openvino_graph_keeps_the_matrices_as_plain_inputs(tiny_repo: TinyRepo) -> None:
+    """OpenVINO folds initializers into constants: the overridable matrices lose their defaults."""
+    import onnx
+
+    from server.runtime import _matrices_as_inputs
+
+    config = ModelConfig.load(tiny_repo.path / "tiny")
+    path = tiny_repo.path / "tiny" / "1" / "model.onnx"
+    before, after = onnx.load(str(path)).graph, onnx.load_from_string(_matrices_as_inputs(path, config)).graph
+    matrices = {config.onnx.pos_rows, config.onnx.pos_cols}
+    assert matrices <= {t.name for t in before.initializer}
+    assert {t.name for t in after.initializer} == {t.name for t in before.initializer} - matrices
+    assert [i.name for i in after.input] == [i.name for i in before.input]
+    # ...and the CPU provider runs it unchanged, given the matrices (the server always passes them).
+    import onnxruntime as ort
+
+    from server.pos_resample import resample_matrix
+
+    x = np.random.default_rng(0).standard_normal((2, 3, 48, 64)).astype(np.float32)  # a 6 x 8 grid
+    rows, cols = (resample_matrix(4, n, config.pos_embed_interpolation) for n in (6, 8))
+    feeds = {config.onnx.input: x, config.onnx.pos_rows: rows, config.onnx.pos_cols: cols}
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    bare = ort.InferenceSession(_matrices_as_inputs(path, config), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(bare.run(None, feeds)[0], plain, rtol=1e-5, atol=1e-5)
 
 
 async def test_load_and_unload_freeze_the_heap(repo_dir: Path) -> None:

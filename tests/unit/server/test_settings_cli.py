@@ -14,7 +14,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(f"VITSERVE_{name.upper()}", raising=False)
     s = Settings()
     assert (s.host, s.port, s.model_repo) == ("127.0.0.1", 8000, Path("model_repo"))
-    assert s.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert s.providers == ["CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"]
     assert s.admin_api_key is None and s.default_model is None
     assert s.decode_threads >= 2 and s.intra_op_threads >= 1
 

@@ -1,0 +1,78 @@
+"""The OpenVINO provider end to end: `python -m server` on ONNX Runtime's OpenVINO build answers as
+the CPU provider does, at the native resolution and at interpolated ones.
+
+The OpenVINO build cannot share a venv with the CPU one; `make test` installs it into
+`.venv/openvino` and these tests put that folder first on the server process's PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TINY, TinyRepo, png_bytes
+from tests.servers import ServerProcess, image_part, multipart_body
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERLAY = Path(os.environ.get("VITSERVE_TEST_ORT_OPENVINO", ROOT / ".venv" / "openvino"))
+OPENVINO = "OpenVINOExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def overlay() -> Path:
+    probe = "import onnxruntime as o; print(' '.join(o.get_available_providers()))"
+    found = OVERLAY.is_dir() and subprocess.run(
+        [sys.executable, "-c", probe], env={**os.environ, "PYTHONPATH": str(OVERLAY)},
+        capture_output=True, text=True, timeout=120,
+    ).stdout  # fmt: skip
+    if not found or OPENVINO not in found:
+        reason = f"ONNX Runtime's OpenVINO build is not in {OVERLAY} (make test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI runs `make test`, which installs it: its absence is a defect there
+        pytest.skip(reason)
+    return OVERLAY
+
+
+@pytest.fixture(scope="module")
+def repo(tiny_repo: TinyRepo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ov_repo")
+    shutil.copytree(tiny_repo.path / TINY, path / TINY, ignore=shutil.ignore_patterns("2"))
+    return path
+
+
+def _answers(url: str, files: list[bytes], resolution: int) -> list[list[dict]]:
+    body = multipart_body([image_part(f) for f in files])
+    r = httpx.post(
+        f"{url}/classify", params={"resolution": resolution, "top_k": 5}, content=body,
+        headers={"content-type": "multipart/form-data; boundary=vitserveboundary"}, timeout=60,
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    return r.json()["predictions"]
+
+
+def test_openvino_answers_as_the_cpu_provider_at_every_resolution(overlay: Path, repo: Path) -> None:
+    from server.runtime import cpu_has_native_bf16
+
+    images = [png_bytes(i) for i in range(6)]
+    env = {"VITSERVE_PROVIDERS": f"{OPENVINO},CPUExecutionProvider", "PYTHONPATH": str(overlay)}
+    with ServerProcess(repo) as cpu, ServerProcess(repo, env=env) as ov:
+        cpu.wait_ready()
+        ov.wait_ready()
+        version = httpx.get(f"{ov.url}/models").json()["models"][0]["versions"][0]
+        assert version["providers"][0] == OPENVINO
+        # auto: bf16 where the CPU multiplies bf16 in hardware, as fp16 is chosen on a GPU
+        assert version["variant"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+        tolerance = 0.05 if version["variant"] == "bf16" else 1e-4
+        for resolution in (32, 48, 80):  # native, then two grids the position embeddings are resampled to
+            want, got = _answers(cpu.url, images, resolution), _answers(ov.url, images, resolution)
+            for a, b in zip(want, got, strict=True):
+                scores = {p["index"]: p["score"] for p in b}
+                assert all(abs(p["score"] - scores.get(p["index"], 0.0)) < tolerance for p in a[:3]), (a, b)
+                if a[0]["score"] - a[1]["score"] > 2 * tolerance:  # a clear winner stays the winner
+                    assert a[0]["index"] == b[0]["index"], (resolution, a, b)
