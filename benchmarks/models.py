@@ -15,7 +15,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.model_config import VARIANT_FILES, ModelConfig
+from server.model_config import ModelConfig, graph_file
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class BuiltModel:
         return max(numbers, default=1)
 
     def onnx_path(self, variant: str) -> Path:
-        return self.directory / str(self.version) / VARIANT_FILES[variant]
+        return self.directory / str(self.version) / graph_file(variant)
 
     def has(self, variant: str) -> bool:
         return self.onnx_path(variant).is_file()

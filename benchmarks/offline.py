@@ -32,23 +32,25 @@ Decoder = Callable[[bytes], np.ndarray]
 
 
 class OrtModel:
-    """One CPU session, set up as vitserve's defaults set theirs up (`server.runtime._open`).
+    """One CPU session, set up as vitserve's defaults set theirs up (`server.runtime.open_session`).
 
     intra-op = cores, inter-op = 1, graph optimisation ALL, and idle workers that sleep rather than
     spin: with spinning on (ORT's default) the limit ran 1.2-1.8x slower per image than the server's
     own session whenever anything else used a core (measured on the 2-core development machine).
+    `variant="bf16"` opens it on OpenVINOExecutionProvider (only in a process that imports ONNX
+    Runtime's OpenVINO build: `benchmarks.openvino`).
     """
 
-    def __init__(self, path: Path, config: ModelConfig, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    def __init__(
+        self, path: Path, config: ModelConfig, threads: int | None = None, variant: str = "fp32"
+    ) -> None:
+        from server.runtime import OPENVINO, RuntimeOptions, open_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or os.cpu_count() or 1
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.log_severity_level = 3  # the identity defaults of the matrix inputs are meant to be inputs
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        providers = (OPENVINO, "CPUExecutionProvider") if variant == "bf16" else ("CPUExecutionProvider",)
+        options = RuntimeOptions(providers=providers, intra_op_threads=threads or os.cpu_count() or 1)
+        self.session = open_session(path, config, options, variant)
+        if variant == "bf16" and self.session.get_providers()[0] != OPENVINO:
+            raise RuntimeError(f"{OPENVINO} did not come up in this process")
         self.config = config
 
     def run(self, batch: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from benchmarks.loadgen import LoadSpec
 
-SECTIONS = ("peak", "offline", "http-floor", "naive-torch", "litserve", "rayserve", "vitserve")
+SECTIONS = ("peak", "offline", "http-floor", "naive-torch", "litserve", "rayserve", "vitserve", "openvino")
 
 # vitserve settings this suite recommends for a small CPU machine, measured against the defaults.
 # The batch size and lanes are left to the start-up sweep (a fixed batch size, ORT's best offline
@@ -131,7 +131,7 @@ def quick_plan(out_dir: Path, work_dir: Path, **changes) -> Plan:
     """A tiny model, a handful of requests, no contender venvs built: seconds, for CI."""
     quick = Plan(
         quick=True, out_dir=out_dir, work_dir=work_dir, install=False,
-        sections=("peak", "offline", "http-floor", "naive-torch", "vitserve"),
+        sections=("peak", "offline", "http-floor", "naive-torch", "vitserve", "openvino"),
         model="tiny", hi_resolution=48, demo_repo=None, image_kinds=("jpeg-64x48", "png-128x128"),
         images_per_kind=4, agreement_images=8, batch_sizes=(1, 4), offline_seconds=0.05,
         limit_check_seconds=0.05,

@@ -81,10 +81,14 @@ def vitserve(
     variant: str,
     settings: dict[str, str] | None = None,
     providers: str = "CPUExecutionProvider",
+    key: str | None = None,
+    label: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> ServerUnderTest:
     """vitserve itself: ``python -m server`` on `repo`; `settings` become extra ``--flags``.
 
     Without settings it runs on its defaults (what users get); with them, it is the tuned row.
+    `key` and `label` name another row; `env` is added to the server's environment.
     """
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in (settings or {}).items()]
     cmd = [
@@ -92,12 +96,13 @@ def vitserve(
         "--default-model", model, "--variant", variant, "--providers", providers,
         "--log-level", "warning", *flags,
     ]  # fmt: skip
-    key, label = (
+    default_key, default_label = (
         ("vitserve-tuned", "vitserve (recommended)") if settings else ("vitserve", "vitserve (defaults)")
     )
     return ServerUnderTest(
-        key, label, cmd, "/readyz", {"model": model, "top_k": "5"}, metrics_match={"model": model}
-    )
+        key or default_key, label or default_label, cmd, "/readyz", {"model": model, "top_k": "5"},
+        env=dict(env or {}), metrics_match={"model": model},
+    )  # fmt: skip
 
 
 def naive_torch(spec_path: Path) -> ServerUnderTest:

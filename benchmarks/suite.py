@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import flops, machine, offline, paired, servers, venvs
+from benchmarks import flops, machine, offline, openvino, paired, servers, venvs
 from benchmarks.images import EncodedImage, image_set
 from benchmarks.loadgen import LoadSpec, Payload, multipart, run_load_sync, run_sync
 from benchmarks.models import SPECS, BuiltModel, build, existing
@@ -77,12 +77,21 @@ class Suite:
                 if built.has(variant):
                     self.results["offline"].append(self.offline_case(built, variant, hw))
                     self.save()
+        if "openvino" in self.plan.sections:
+            try:
+                openvino.check()
+                row = openvino.run("offline", self.plan, model, cfg.image_size)
+            except openvino.OpenVinoUnavailableError as exc:
+                self.skip("openvino-offline", str(exc))
+                return
+            self.results["offline"].append(row)
+            self.save()
 
     def offline_case(self, built: BuiltModel, variant: str, hw: tuple[int, int]) -> dict:
         plan, cfg = self.plan, built.config
         log.info("offline: %s %s at %dx%d", built.name, variant, *hw)
         decode = offline.decoder(cfg, hw)
-        ort_model = offline.OrtModel(built.onnx_path(variant), cfg)
+        ort_model = offline.OrtModel(built.onnx_path(variant), cfg, variant=variant)
         images = self.images[plan.main_kind]
         tensors = np.stack([decode(im.data) for im in images])
         sweep = offline.batch_sweep(ort_model, tensors, list(plan.batch_sizes), plan.offline_seconds)
@@ -96,7 +105,7 @@ class Suite:
         }  # fmt: skip
         cores = os.cpu_count() or 1
         if cores > 1:
-            narrow = offline.OrtModel(built.onnx_path(variant), cfg, threads=1)
+            narrow = offline.OrtModel(built.onnx_path(variant), cfg, threads=1, variant=variant)
             lanes = offline.lanes_sweep(narrow, tensors, list(plan.batch_sizes), plan.offline_seconds, cores)
             lanes["decode_images_per_s"] = offline.lanes_decode_included(
                 narrow, images, decode, lanes["best_batch"], plan.offline_seconds, cores
@@ -165,6 +174,12 @@ class Suite:
         if model.has("int8"):
             int8 = servers.vitserve(repo, name, "int8", settings)
             self.measure(int8, model, "int8", plan.basic_points(), tuned)
+        if "openvino" in plan.sections and any(r["variant"] == "bf16" for r in self.results["offline"]):
+            # What `pip install 'vitserve[openvino]'` users get: the defaults, OpenVINO first, bf16 (auto).
+            ov = servers.vitserve(repo, name, "auto", providers=f"{openvino.OPENVINO},CPUExecutionProvider",
+                                  key="vitserve-openvino", label="vitserve OpenVINO (defaults)",
+                                  env=openvino.env())  # fmt: skip
+            self.measure(ov, model, "bf16", plan.basic_points() + plan.overload_points())
         if demo:
             self.measure(servers.vitserve(demo.repo, demo.name, "fp32"), demo, "fp32", plan.basic_points())
 
@@ -190,8 +205,12 @@ class Suite:
                          env=server.env, cwd=servers.REPO_ROOT) as proc:  # fmt: skip
                 saturated = None
                 for point in points:
-                    around = self.limit_check(model, variant) if self.is_saturation(point) else None
-                    row = self.measure_point(server, port, proc.pid, point, saturated, around)
+                    around = basis = None
+                    if self.is_saturation(point):
+                        around = self.limit_check(model, variant)
+                        # bf16 is compared with the contenders on the fp32 limit's scale, too
+                        basis = self.limit_check(model, "fp32") if variant == "bf16" else None
+                    row = self.measure_point(server, port, proc.pid, point, saturated, around, basis)
                     row.update(model=model.name, variant=variant, **(extra or {}))
                     if point.name == f"c={self.plan.saturation}" and not point.query and saturated is None:
                         saturated = row["images_per_s"]
@@ -207,19 +226,25 @@ class Suite:
         plan = self.plan
         return point.name == f"c={plan.saturation}" and point.image_kind == plan.main_kind and not point.query
 
-    def limit_check(self, built: BuiltModel, variant: str) -> Callable[[], float] | None:
+    def limit_check(
+        self, built: BuiltModel, variant: str, own_process: bool = False
+    ) -> Callable[[], float] | None:
         """The decode-included limit measured now (the better of one session and lanes, at the batch
-        sizes the offline section found), for a ratio that the host's drift does not skew."""
+        sizes the offline section found), for a ratio that the host's drift does not skew. bf16's
+        runs in a child process on the OpenVINO build (`benchmarks.openvino`) unless `own_process`."""
         cfg, kind = built.config, self.plan.main_kind
         row = next((r for r in self.results["offline"] if r["model"] == built.name and r["variant"] == variant
                     and r["resolution"] == list(cfg.image_size)), None)  # fmt: skip
         if row is None:
             return None
+        if variant == "bf16" and not own_process:
+            plan = self.plan
+            return lambda: openvino.run("limit", plan, built, cfg.image_size, row)
         key = (built.name, variant)
         if key not in self._limit_models:
             path = built.onnx_path(variant)
-            narrow = offline.OrtModel(path, cfg, threads=1) if "lanes" in row else None
-            self._limit_models[key] = (offline.OrtModel(path, cfg), narrow)
+            narrow = offline.OrtModel(path, cfg, threads=1, variant=variant) if "lanes" in row else None
+            self._limit_models[key] = (offline.OrtModel(path, cfg, variant=variant), narrow)
         single, narrow = self._limit_models[key]
         decode, images, secs = (
             offline.decoder(cfg, cfg.image_size),
@@ -239,7 +264,8 @@ class Suite:
         return measure
 
     def measure_point(self, server: servers.ServerUnderTest, port: int, pid: int, point: LoadPoint,
-                      saturated: float | None, limit: Callable[[], float] | None = None) -> dict:  # fmt: skip
+                      saturated: float | None, limit: Callable[[], float] | None = None,
+                      basis: Callable[[], float] | None = None) -> dict:  # fmt: skip
         row = {"server": server.key, "label": server.label, "point": point.name,
                "image_kind": point.image_kind, "query": point.query}  # fmt: skip
         spec = point.spec
@@ -260,6 +286,7 @@ class Suite:
 
         url, payloads = server.classify_url(port, point.query), self.payloads[point.image_kind]
         limit_before = limit() if limit else None  # the server is idle meanwhile
+        basis_before = basis() if basis else None
         result = run_load_sync(url, payloads, spec, after_warmup=lambda: before.update(snapshot()))
         after = snapshot()
         cores = {k: (after[k] - before[k]) / result["wall_s"] for k in ("server_cpu", "client_cpu")}
@@ -267,6 +294,8 @@ class Suite:
         row = {**row, **result, "split": split, "cores_used": cores}
         if limit is not None:
             row["limit_around"] = [limit_before, limit()]
+        if basis is not None:
+            row["fp32_limit_around"] = [basis_before, basis()]
         return row
 
     def measure_paired(

@@ -26,7 +26,15 @@ VARIANT_FILES: dict[str, str] = {
     "fp16": "model.fp16.onnx",
     "int8": "model.int8.onnx",
 }
+# Variants that are a precision the fp32 graph runs at (server.runtime), not a file of their own.
+RUN_AS_FP32 = ("bf16",)
 SCHEMA_VERSION = 1
+
+
+def graph_file(variant: str) -> str:
+    """The file a variant's graph is in (bf16 runs the fp32 file)."""
+    return VARIANT_FILES["fp32" if variant in RUN_AS_FP32 else variant]
+
 
 PosEmbedInterpolation = Literal["bicubic_aa", "bicubic", "bilinear"]
 """How the 2-D position-embedding grid is resampled to a new token grid.

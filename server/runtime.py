@@ -35,15 +35,13 @@ import numpy as np
 import onnxruntime as ort
 
 from server.errors import ModelLoadError, StartupError
-from server.model_config import VARIANT_FILES, ModelConfig
+from server.model_config import VARIANT_FILES, ModelConfig, graph_file
 from server.pos_resample import resample_matrix
 
 logger = logging.getLogger(__name__)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 OPENVINO = "OpenVINOExecutionProvider"
-# Variants that are a precision of the fp32 graph rather than a file of their own.
-_RUN_AS_FP32 = ("bf16",)
 
 
 @dataclass(frozen=True)
@@ -104,11 +102,6 @@ def choose_variant(requested: str, version_dir: Path, provider: str, native_bf16
     return wanted
 
 
-def graph_file(variant: str) -> str:
-    """The file a variant's graph is in (bf16 runs the fp32 file)."""
-    return VARIANT_FILES["fp32" if variant in _RUN_AS_FP32 else variant]
-
-
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16), from the kernel's CPU flags."""
     try:
@@ -130,13 +123,13 @@ class Session:
     def __init__(self, version_dir: Path, config: ModelConfig, options: RuntimeOptions) -> None:
         self.config = config
         self.variant = choose_variant(options.variant, version_dir, options.providers[0])
-        self._session = _open(version_dir / graph_file(self.variant), config, options, self.variant)
+        self._session = open_session(version_dir / graph_file(self.variant), config, options, self.variant)
         self.providers: list[str] = self._session.get_providers()
         self.on_gpu = self.providers[0] in GPU_PROVIDERS
         if self.variant == "fp16" and not self.on_gpu:  # the GPU provider failed to initialise
             logger.warning("%s: no GPU provider came up; using the fp32 graph", version_dir)
             self.variant = "fp32"
-            self._session = _open(version_dir / VARIANT_FILES["fp32"], config, options, self.variant)
+            self._session = open_session(version_dir / VARIANT_FILES["fp32"], config, options, self.variant)
             self.providers = self._session.get_providers()
         if self.variant == "bf16" and self.providers[0] != OPENVINO:  # same graph, now on the CPU provider
             logger.warning("%s: %s did not come up; running fp32", version_dir, OPENVINO)
@@ -145,7 +138,7 @@ class Session:
         self._lanes: ort.InferenceSession | None = None
         if options.instances > 1 and not self.on_gpu:
             narrow = RuntimeOptions(providers=tuple(self.providers), intra_op_threads=1, inter_op_threads=1)
-            self._lanes = _open(version_dir / graph_file(self.variant), config, narrow, self.variant)
+            self._lanes = open_session(version_dir / graph_file(self.variant), config, narrow, self.variant)
         self.lanes = options.instances if self._lanes is not None else 1
         self._pixel_dtype = _input_dtype(self._session, self._names.input)
         self._matrix_dtype = _input_dtype(self._session, self._names.pos_rows)
@@ -239,7 +232,10 @@ def _input_dtype(session: ort.InferenceSession, name: str) -> type[np.floating]:
     return np.float16 if kind == "tensor(float16)" else np.float32
 
 
-def _open(path: Path, config: ModelConfig, options: RuntimeOptions, variant: str) -> ort.InferenceSession:
+def open_session(
+    path: Path, config: ModelConfig, options: RuntimeOptions, variant: str
+) -> ort.InferenceSession:
+    """An ORT session for the graph at `path` as the server opens it (also the benchmark's limit)."""
     if not path.is_file():
         raise ModelLoadError(f"{path.name} is missing")
     graph: str | bytes = str(path)

@@ -32,23 +32,37 @@ def quick_run(tmp_path_factory):
 pytestmark = pytest.mark.slow
 
 
-def test_quick_run_measures_the_limit_for_fp32_and_int8(quick_run):
+def _openvino(results) -> bool:
+    """Whether the run measured OpenVINO bf16 (else it says why: a CPU without bf16, say)."""
+    skipped = [r["skipped"] for r in results["servers"] if r["server"] == "openvino-offline"]
+    if skipped and os.environ.get("CI"):
+        from server.runtime import cpu_has_native_bf16
+
+        assert not cpu_has_native_bf16(), skipped  # make test installs the OpenVINO build for this run
+    return not skipped
+
+
+def test_quick_run_measures_the_limit_for_fp32_int8_and_openvino_bf16(quick_run):
     results, _ = quick_run
     rows = {(r["variant"], tuple(r["resolution"])): r for r in results["offline"]}
-    assert set(rows) == {("fp32", (32, 32)), ("int8", (32, 32)), ("fp32", (48, 48)), ("int8", (48, 48))}
+    expected = {("fp32", (32, 32)), ("int8", (32, 32)), ("fp32", (48, 48)), ("int8", (48, 48))}
+    assert set(rows) == expected | ({("bf16", (32, 32))} if _openvino(results) else set())
     for r in rows.values():
         assert r["images_per_s"] > 0 and r["decode_images_per_s"] > 0
         assert r["single_image"]["total_ms"] >= r["single_image"]["infer_ms"] > 0
         if (os.cpu_count() or 1) > 1:
             assert r["lanes"]["lanes"] == os.cpu_count() and r["lanes"]["decode_images_per_s"] > 0
     assert 0.0 <= rows[("int8", (32, 32))]["top1_agreement"] <= 1.0
+    if _openvino(results):
+        assert 0.0 <= rows[("bf16", (32, 32))]["top1_agreement"] <= 1.0
     assert results["peak"]["ort_fp32_flops"] > 0
 
 
 def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     results, _ = quick_run
     rows = [r for r in results["servers"] if "skipped" not in r]
-    assert {r["server"] for r in rows} == {"http-floor", "naive-torch", "vitserve", "vitserve-tuned"}
+    expected = {"http-floor", "naive-torch", "vitserve", "vitserve-tuned"}
+    assert {r["server"] for r in rows} == expected | ({"vitserve-openvino"} if _openvino(results) else set())
     main = [r for r in rows if r["image_kind"] == "jpeg-64x48" and not r["query"]]
     for r in main:
         assert r["ok"] > 0, r
@@ -65,6 +79,9 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     assert any(r["point"] == "open 2x" and r["spec"]["mode"] == "open" for r in rows)
     saturation = [r for r in main if r["point"] == "c=4" and r["variant"] == "fp32"]
     assert saturation and all(len(r["limit_around"]) == 2 and min(r["limit_around"]) > 0 for r in saturation)
+    for r in (r for r in main if r["server"] == "vitserve-openvino" and r["point"] == "c=4"):
+        # its own limit (from the OpenVINO build's process) and the fp32 one, each before and after
+        assert min(r["limit_around"]) > 0 and min(r["fp32_limit_around"]) > 0 and r["variant"] == "bf16"
     paired = {r["server"]: r for r in results["paired"]}  # c=1 against in-process, both vitserve rows
     assert set(paired) == {"vitserve", "vitserve-tuned"}
     assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())
