@@ -107,7 +107,7 @@ class Settings(BaseSettings):
         le=256,
         description="Batches one model version runs at once on a CPU, each on one thread of a second "
         "session (a lone image still runs alone on intra_op_threads); at most intra_op_threads. "
-        "1: one session, one batch at a time. Ignored on a GPU.",
+        "1: one session, one batch at a time. Ignored on a GPU and on OpenVINO.",
     )
     worker_niceness: int = Field(
         5,
