@@ -25,9 +25,12 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 # The OpenVINO build of ONNX Runtime (what `pip install 'vitserve[openvino]'` gives a server venv) cannot
 # share a venv with the CPU build, so tests and benchmarks keep it in its own folder and put that first
 # on PYTHONPATH for the server processes that use it (its dependencies are all in the dev venv).
-ORT_OPENVINO := onnxruntime-openvino==1.24.1
-$(VENV)/openvino/.installed: | $(PY)
-	$(PIP) install -q --no-deps --target $(VENV)/openvino $(ORT_OPENVINO)
+ORT_OPENVINO_VERSION := 1.24.1
+OPENVINO_DIR := $(abspath $(VENV))/openvino
+OPENVINO_STAMP := $(OPENVINO_DIR)/.installed-$(ORT_OPENVINO_VERSION)
+$(OPENVINO_STAMP): | $(PY)
+	rm -rf $(OPENVINO_DIR)
+	$(PIP) install -q --no-deps --target $(OPENVINO_DIR) onnxruntime-openvino==$(ORT_OPENVINO_VERSION)
 	touch $@
 
 serve: $(VENV)/.serve
@@ -37,8 +40,8 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: lint $(VENV)/openvino/.installed
-	$(PY) -m pytest
+test: lint $(OPENVINO_STAMP)
+	VITSERVE_TEST_ORT_OPENVINO=$(OPENVINO_DIR) VITSERVE_BENCH_ORT_OPENVINO=$(OPENVINO_DIR) $(PY) -m pytest
 
 # Known-vulnerability audit of requirements/*.lock from PyPI's advisory data (SECURITY.md, "Dependencies").
 audit: $(VENV)/.dev
@@ -51,8 +54,8 @@ demo-model: $(VENV)/.dev
 # The full benchmark suite (~21 min on 2 cores; run it on a quiet machine). It builds the competitors'
 # venvs under benchmarks/.venvs/ on first use and rewrites the table in benchmarks/RESULTS.md.
 # BENCH_ARGS=--quick for the seconds-long smoke run.
-bench: $(VENV)/.dev $(VENV)/openvino/.installed
-	$(PY) -m benchmarks --update-results $(BENCH_ARGS)
+bench: $(VENV)/.dev $(OPENVINO_STAMP)
+	VITSERVE_BENCH_ORT_OPENVINO=$(OPENVINO_DIR) $(PY) -m benchmarks --update-results $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

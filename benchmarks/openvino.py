@@ -7,8 +7,10 @@ where the suite's own code (`Suite.offline_case`, `Suite.limit_check`) measures 
 exactly as it measures the others, and prints the result as JSON on its last line.
 
 Tasks: ``offline`` (the offline row: batch sweep, decode included, one image, top-1 against fp32
-on the CPU provider of the same build) and ``limit`` (the decode-included limit now, for the run
-of the OpenVINO server it brackets).
+on the CPU provider of the same build), ``limit`` (the decode-included limit now, for the run
+of the OpenVINO server it brackets) and ``paired`` (concurrency 1 against bf16 in-process, in
+alternating blocks, `Suite.paired_result`). Every failure of the child, a timeout included, is an
+`OpenVinoUnavailableError` with its reason.
 """
 
 from __future__ import annotations
@@ -66,24 +68,35 @@ def check() -> None:
 def run(task: str, plan: Plan, built: BuiltModel, hw: tuple[int, int], row: dict | None = None) -> Any:
     """`task` in a child process on the OpenVINO build; its JSON answer."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = Path(tmp) / "args.pickle"
+        args, answer = Path(tmp) / "args.pickle", Path(tmp) / "answer.json"
         args.write_bytes(pickle.dumps((plan, built, hw, row)))
-        done = subprocess.run(
-            [sys.executable, "-m", "benchmarks.openvino", task, str(args)],
-            env={**os.environ, **env()}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800,
-        )  # fmt: skip
-    if done.returncode != 0:
-        raise OpenVinoUnavailableError(f"benchmarks.openvino {task} failed: {done.stderr.strip()[-600:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.openvino", task, str(args), str(answer)],
+                env={**os.environ, **env()}, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise OpenVinoUnavailableError(
+                f"benchmarks.openvino {task} ran past {exc.timeout:.0f} s"
+            ) from exc
+        if done.returncode != 0 or not answer.is_file():
+            tail = done.stderr.strip()[-600:]
+            raise OpenVinoUnavailableError(f"benchmarks.openvino {task} failed ({done.returncode}): {tail}")
+        return json.loads(answer.read_text())
 
 
 def _main(task: str, args: Path) -> Any:
     from benchmarks.images import image_set
+    from benchmarks.loadgen import multipart
     from benchmarks.suite import Suite
 
     plan, built, hw, row = pickle.loads(args.read_bytes())
     suite = Suite(plan)
-    suite.images[plan.main_kind] = image_set(plan.main_kind, plan.images_per_kind)  # as Suite.run makes them
+    kind = plan.main_kind
+    suite.images[kind] = image_set(kind, plan.images_per_kind)  # as Suite.run makes them
+    suite.payloads[kind] = [multipart([im]) for im in suite.images[kind]]
+    if task == "paired":
+        return suite.paired_result(row["url"], built, "bf16")
     if task == "offline":
         return suite.offline_case(built, "bf16", hw)
     if task == "limit":
@@ -94,4 +107,4 @@ def _main(task: str, args: Path) -> Any:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_main(sys.argv[1], Path(sys.argv[2])), default=str))
+    Path(sys.argv[3]).write_text(json.dumps(_main(sys.argv[1], Path(sys.argv[2])), default=str))

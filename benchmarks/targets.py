@@ -54,7 +54,8 @@ def _near_limit(row: dict) -> float | None:
 def _share(row: dict) -> float | None:
     """The row's images/s over the fp32 limit measured around it: every server on one scale (bf16's
     row has its own limit, `limit_around`, and the fp32 one beside it, `fp32_limit_around`)."""
-    near = _near_limit({"limit_around": row.get("fp32_limit_around", row.get("limit_around"))})
+    scale = row.get("fp32_limit_around") if row.get("variant", "fp32") != "fp32" else row.get("limit_around")
+    near = _near_limit({"limit_around": scale})
     return row["images_per_s"] / near if near else None
 
 
@@ -107,10 +108,10 @@ def throughput_targets(results: dict, sat: str) -> list[dict]:
     return out
 
 
-def _paired_row(results: dict, server: str) -> dict | None:
+def _paired_row(results: dict, server: str, variant: str = "fp32") -> dict | None:
     model = results["meta"].get("model")
     for r in results.get("paired", []):
-        if r["server"] == server and r["variant"] == "fp32" and (model is None or r["model"] == model):
+        if r["server"] == server and r["variant"] == variant and (model is None or r["model"] == model):
             return r
     return None
 
@@ -119,15 +120,14 @@ def latency_targets(results: dict) -> list[dict]:
     """c=1 p50 against the in-process floor + 2 ms: judged on the paired measurement when there is
     one (server and in-process in alternating blocks, so the host's drift cancels), else on the c=1
     row against the offline single-image time."""
-    limit = _limit(results)
     http = _server_row(results, "http-floor", "c=1", variant="–")
     http_note = ""
     if http and http["latency"]["p50_ms"] is not None:
         http_note = f" (HTTP alone, no model: p50 {http['latency']['p50_ms']:.1f} ms)"
     out = []
-    for key, label in VITSERVE:
+    for key, label, variant in THROUGHPUT_ROWS:
         target = f"{label}: c=1 p50 ≤ in-process + 2 ms"
-        pair = _paired_row(results, key)
+        pair, limit = _paired_row(results, key, variant), _limit(results, variant)
         if pair and pair["gap_p50_ms"] is not None:
             low, high = pair["gap_range_ms"]
             fig = (
@@ -137,22 +137,13 @@ def latency_targets(results: dict) -> list[dict]:
             )
             out.append({"target": target, "figure": fig, "verdict": _verdict(pair["gap_p50_ms"] <= 2.0)})
             continue
-        row = _server_row(results, key, "c=1")
+        row = _server_row(results, key, "c=1", variant)
         if not (row and limit and row["latency"]["p50_ms"] is not None):
             continue
         floor = limit["single_image"]["total_ms"]
         p50 = row["latency"]["p50_ms"]
-        fig = f"p50 {p50:.1f} ms vs in-process {floor:.1f} ms + 2 ms{http_note}"
+        fig = f"p50 {p50:.1f} ms vs in-process {floor:.1f} ms + 2 ms, measured minutes apart{http_note}"
         out.append({"target": target, "figure": fig, "verdict": _verdict(p50 <= floor + 2.0)})
-    row, own = _server_row(results, "vitserve-openvino", "c=1", "bf16"), _limit(results, "bf16")
-    if row and own and limit and row["latency"]["p50_ms"] is not None:  # not paired: its own process
-        p50, floor = row["latency"]["p50_ms"], own["single_image"]["total_ms"]
-        fig = (
-            f"p50 {p50:.1f} ms vs OpenVINO bf16 in-process {floor:.1f} ms + 2 ms, measured minutes apart"
-            f" (the fp32 in-process floor: {limit['single_image']['total_ms']:.1f} ms)"
-        )
-        out.append({"target": "OpenVINO bf16 (defaults): c=1 p50 ≤ in-process + 2 ms", "figure": fig,
-                    "verdict": _verdict(p50 <= floor + 2.0)})  # fmt: skip
     return out
 
 

@@ -80,7 +80,7 @@ def resolve_providers(requested: list[str] | tuple[str, ...]) -> tuple[str, ...]
 def choose_variant(requested: str, version_dir: Path, provider: str, native_bf16: bool | None = None) -> str:
     """What to run on `provider`: for `auto`, fp16 on a GPU when the file is there, bf16 on OpenVINO
     when the CPU does bf16 natively, else fp32. A file variant that is missing falls back to fp32,
-    and so does bf16 anywhere but on OpenVINO."""
+    and so do bf16 anywhere but on OpenVINO and fp16 anywhere but on a GPU."""
     if requested == "auto":
         if provider in GPU_PROVIDERS:
             wanted = "fp16"
@@ -95,6 +95,9 @@ def choose_variant(requested: str, version_dir: Path, provider: str, native_bf16
             logger.warning("bf16 runs on %s only (vitserve[openvino]); using fp32 on %s", OPENVINO, provider)
             return "fp32"
         return wanted
+    if wanted == "fp16" and provider not in GPU_PROVIDERS:  # a CPU would run it slower than fp32
+        logger.warning("the fp16 graph is for GPUs; using fp32 on %s", provider)
+        return "fp32"
     if wanted != "fp32" and not (version_dir / VARIANT_FILES[wanted]).is_file():
         if requested != "auto":
             logger.warning("%s has no %s variant; using fp32", version_dir, wanted)
@@ -274,7 +277,8 @@ def _matrices_as_inputs(path: Path, config: ModelConfig) -> bytes:
         model.graph.initializer.extend(kept)
         return model.SerializeToString()
     except Exception as exc:  # a malformed file (DecodeError), a graph over protobuf's 2 GiB (ValueError)
-        raise ModelLoadError(f"{path.name} could not be prepared for {OPENVINO}: {_first_line(exc)}") from exc
+        reason = _first_line(exc).replace(str(path.parent), path.parent.name)  # no server paths in /models
+        raise ModelLoadError(f"{path.name} could not be prepared for {OPENVINO}: {reason}") from exc
 
 
 def _provider_options(

@@ -82,8 +82,11 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     for r in (r for r in main if r["server"] == "vitserve-openvino" and r["point"] == "c=4"):
         # its own limit (from the OpenVINO build's process) and the fp32 one, each before and after
         assert min(r["limit_around"]) > 0 and min(r["fp32_limit_around"]) > 0 and r["variant"] == "bf16"
-    paired = {r["server"]: r for r in results["paired"]}  # c=1 against in-process, both vitserve rows
-    assert set(paired) == {"vitserve", "vitserve-tuned"}
+    paired = {r["server"]: r for r in results["paired"]}  # c=1 against in-process, every vitserve row
+    ov = (
+        {"vitserve-openvino"} if _openvino(results) else set()
+    )  # against bf16 in the OpenVINO build's process
+    assert set(paired) == {"vitserve", "vitserve-tuned"} | ov
     assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -30,6 +32,41 @@ def test_the_server_never_imports_torch() -> None:
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
     assert "clean" in result.stdout
+
+
+def test_the_server_serves_multipart_uploads_without_python_multipart(tiny_repo) -> None:
+    """The images' lock has no python-multipart (the dev venv does, for a benchmark contender): the app
+    must build and parse /classify uploads with it unimportable, so no route may take Form or File."""
+    from tests.conftest import png_bytes
+    from tests.servers import free_port, image_part, multipart_body
+
+    port = free_port()
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['python_multipart'] = sys.modules['multipart'] = None  # import fails\n"
+        f"sys.argv = ['server', '--model-repo', {str(tiny_repo.path)!r}, '--port', '{port}']\n"
+        "runpy.run_module('server', run_name='__main__')\n"
+    )
+    env = {**os.environ, "VITSERVE_PROVIDERS": "CPUExecutionProvider", "VITSERVE_INTRA_OP_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()
+        body = multipart_body([image_part(png_bytes(0)), image_part(png_bytes(1))])
+        headers = {"content-type": "multipart/form-data; boundary=vitserveboundary"}
+        r = httpx.post(f"{url}/classify", content=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 2
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stderr.close()
 
 
 def test_help_lists_every_setting_with_its_default() -> None:

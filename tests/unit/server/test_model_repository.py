@@ -159,6 +159,7 @@ def test_variant_choice(tmp_path: Path) -> None:
     (tmp_path / "model.fp16.onnx").write_bytes(b"")
     assert choose_variant("auto", tmp_path, cuda) == "fp16"
     assert choose_variant("auto", tmp_path, cpu) == "fp32"
+    assert choose_variant("fp16", tmp_path, cpu) == "fp32"  # there, but for GPUs
     assert choose_variant("int8", tmp_path, cpu) == "fp32"  # asked for, missing: fp32
     (tmp_path / "model.int8.onnx").write_bytes(b"")
     assert choose_variant("int8", tmp_path, cpu) == "int8"
