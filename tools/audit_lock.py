@@ -42,7 +42,11 @@ from packaging.version import InvalidVersion, Version
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements"
-LOCKS = (REQUIREMENTS / "server.lock", REQUIREMENTS / "server-gpu.lock")
+LOCKS = (
+    REQUIREMENTS / "server.lock",
+    REQUIREMENTS / "server-gpu.lock",
+    REQUIREMENTS / "server-openvino.lock",
+)
 IGNORE = REQUIREMENTS / "audit-ignore.txt"
 HELD_BACK = REQUIREMENTS / "audit-held-back.txt"
 PROJECT_URL = "https://pypi.org/pypi/{name}/json"

@@ -93,6 +93,19 @@ def instructions(path: Path) -> list[Instruction]:
     return out
 
 
+def build_args(path: Path) -> dict[str, str]:
+    """The global ARGs (before the first FROM) with their defaults: what `docker build` uses unless
+    given `--build-arg`."""
+    out: dict[str, str] = {}
+    for inst in instructions(path):
+        if inst.keyword == "FROM":
+            break
+        if inst.keyword == "ARG":
+            name, _, default = inst.args.partition("=")
+            out[name.strip()] = default.strip()
+    return out
+
+
 def stages(path: Path) -> list[Stage]:
     """The build stages of a Dockerfile, in order."""
     result: list[Stage] = []

@@ -12,12 +12,14 @@ from pathlib import Path
 import pytest
 
 from server.settings import ENV_PREFIX, Settings
-from tests.deploy.dockerfile import Stage, stages
+from tests.deploy.dockerfile import Stage, build_args, stages
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 SERVING = {"Dockerfile": "cpu", "Dockerfile.gpu": "gpu"}
-LOCKS = {"Dockerfile": "server.lock", "Dockerfile.gpu": "server-gpu.lock"}
+LOCKS = {"Dockerfile": "server.lock", "Dockerfile.gpu": "server-gpu.lock"}  # as built by default
+# What --build-arg SERVER_LOCK may name instead: the same image on another build of ONNX Runtime.
+OTHER_LOCKS = {"Dockerfile": ["server-openvino.lock"], "Dockerfile.gpu": []}
 ALL = [*SERVING, "Dockerfile.train"]
 SETTINGS_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
@@ -83,11 +85,16 @@ def test_serving_image_has_no_torch_and_no_training_code(name: str) -> None:
         assert not re.search(r"\.\[[a-z,]+\]", runs), f"{name}: extras resolve at build time; use the lock"
 
 
-def pip_installs(stage: Stage) -> list[list[str]]:
-    """The arguments of every `pip install` in the stage's RUN lines."""
+def resolved(text: str, args: dict[str, str]) -> str:
+    """`text` with the build ARGs' ``${NAME}`` references replaced by their values."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+
+
+def pip_installs(stage: Stage, args: dict[str, str]) -> list[list[str]]:
+    """The arguments of every `pip install` in the stage's RUN lines, build ARGs resolved."""
     out = []
     for run in stage.all("RUN"):
-        for step in run.args.split("&&"):
+        for step in resolved(run.args, args).split("&&"):
             words = shlex.split(step)
             if len(words) > 2 and words[0].endswith("/pip") and words[1] == "install":
                 out.append(words[2:])
@@ -98,20 +105,23 @@ def pip_installs(stage: Stage) -> list[list[str]]:
 def test_serving_image_installs_the_hashed_lock_then_the_project_alone(name: str) -> None:
     """Reproducible images: the dependencies come only from the lock, hash-checked, and the project adds
     none of its own (its requirements would otherwise be resolved anew at build time)."""
-    lock = LOCKS[name]
+    defaults = build_args(DOCKER / name)
     build = parsed(name)[0]
-    installs = pip_installs(build)
-    assert len(installs) == 2, f"{name}: expected the lock's install and the project's, got {installs}"
-    deps, project = installs
-    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(deps), deps
-    assert deps[deps.index("-r") + 1] == f"requirements/{lock}", deps
-    assert "--no-deps" in project and project[-1] == ".", project
-    copies = [c.operands() for c in build.all("COPY")]
-    assert [f"requirements/{lock}", "requirements/"] in copies
-    runs = " ".join(r.args for r in build.all("RUN"))
-    assert runs.index(f"requirements/{lock}") < runs.index("--no-deps .")
-    assert '"$VIRTUAL_ENV/bin/pip" check' in runs  # the lock must satisfy the project's requirements
-    assert (REPO / "requirements" / lock).is_file()
+    for lock in [LOCKS[name], *OTHER_LOCKS[name]]:
+        args = {**defaults, "SERVER_LOCK": lock} if "SERVER_LOCK" in defaults else defaults
+        installs = pip_installs(build, args)
+        assert len(installs) == 2, f"{name}: expected the lock's install and the project's, got {installs}"
+        deps, project = installs
+        assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(deps), deps
+        assert deps[deps.index("-r") + 1] == f"requirements/{lock}", deps
+        assert "--no-deps" in project and project[-1] == ".", project
+        copies = [[resolved(o, args) for o in c.operands()] for c in build.all("COPY")]
+        assert [f"requirements/{lock}", "requirements/"] in copies
+        runs = resolved(" ".join(r.args for r in build.all("RUN")), args)
+        assert runs.index(f"requirements/{lock}") < runs.index("--no-deps .")
+        assert '"$VIRTUAL_ENV/bin/pip" check' in runs  # the lock must satisfy the project's requirements
+        assert (REPO / "requirements" / lock).is_file()
+    assert defaults.get("SERVER_LOCK", LOCKS[name]) == LOCKS[name]
 
 
 def test_cpu_extra_has_no_torch() -> None:

@@ -1,10 +1,11 @@
 """docker/Dockerfile's own install and start steps, run outside a container, give a ready server.
 
-The steps are read from the Dockerfile, not restated here: ENV, WORKDIR and COPY are emulated under a
-scratch root (every container path /p becomes ROOT/p, so the venv keeps the path it was built at, as in
-the image), the build stage's RUN lines run as written with `sh -c` (a fresh venv, the real `pip
+The steps are read from the Dockerfile, not restated here: ARG, ENV, WORKDIR and COPY are emulated under
+a scratch root (every container path /p becomes ROOT/p, so the venv keeps the path it was built at, as
+in the image), the build stage's RUN lines run as written with `sh -c` (a fresh venv, the real `pip
 install` of requirements/server.lock with its hashes from the package index like `docker build`, then the
-project without dependencies), and the ENTRYPOINT + CMD start with the image's environment.
+project without dependencies), and the ENTRYPOINT + CMD start with the image's environment. All of it
+twice: as built by default, and with `--build-arg SERVER_LOCK=server-openvino.lock` (OpenVINO).
 Deviations, all forced by running on the host: the server binds 127.0.0.1 on a free port instead of
 0.0.0.0:8000; user creation (root-only) is skipped; and when model_repo/ holds no model yet, the `tiny`
 model of tests/conftest.py's repository stands in for it.
@@ -20,7 +21,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,7 @@ import pytest
 from packaging.utils import canonicalize_name
 
 from tests.deploy.conftest import MODEL, demo_repo, free_port, png, stop, wait_ready
-from tests.deploy.dockerfile import Instruction, Stage, stages
+from tests.deploy.dockerfile import Instruction, Stage, build_args, stages
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
@@ -45,6 +46,8 @@ class Emulator:
     root: Path
     env: dict[str, str]
     workdir: str = "/"
+    build_args: dict[str, str] = field(default_factory=dict)  # --build-arg values, else the defaults
+    stage_args: dict[str, str] = field(default_factory=dict)  # the ARGs the current stage declared
 
     def inside(self, path: str) -> Path:
         return self.root / path.lstrip("/")
@@ -53,7 +56,10 @@ class Emulator:
         return self.inside(path) if path.startswith("/") else self.inside(self.workdir) / path
 
     def apply(self, inst: Instruction, stage: Stage, run: bool) -> None:
-        if inst.keyword == "ENV":
+        if inst.keyword == "ARG":  # visible to the stage's RUN and COPY, not to the container
+            name, _, default = inst.args.partition("=")
+            self.stage_args[name] = self.build_args.get(name, default)
+        elif inst.keyword == "ENV":
             for key, value in Stage(stage.base, stage.name, [inst]).env().items():
                 value = re.sub(r"(^|:)(/[^:$]*)", lambda m: m.group(1) + str(self.inside(m.group(2))), value)
                 self.env[key] = ENV_REF.sub(lambda m: self.env.get(m.group(1) or m.group(2), ""), value)
@@ -64,8 +70,8 @@ class Emulator:
             self.copy(inst)
         elif inst.keyword == "RUN" and run:
             result = subprocess.run(
-                ["/bin/sh", "-c", inst.args], cwd=self.inside(self.workdir), env=self.env,
-                capture_output=True, text=True, timeout=480,
+                ["/bin/sh", "-c", inst.args], cwd=self.inside(self.workdir),
+                env={**self.env, **self.stage_args}, capture_output=True, text=True, timeout=480,
             )  # fmt: skip
             assert result.returncode == 0, (
                 f"RUN {inst.args}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
@@ -74,7 +80,7 @@ class Emulator:
     def copy(self, inst: Instruction) -> None:
         *sources, dest = inst.operands()
         flags = inst.flags()
-        for source in sources:
+        for source in (ENV_REF.sub(lambda m: self.stage_args[m.group(1) or m.group(2)], s) for s in sources):
             src = self.inside(source) if "from" in flags else REPO / source
             target = self.here(dest)
             if src == target:  # COPY --from=build /opt/vitserve /opt/vitserve: the same path, as in the image
@@ -96,6 +102,7 @@ class Image:
     emulator: Emulator
     command: list[str]
     healthcheck: list[str]
+    lock: str
 
 
 def skipped_runtime_runs(runtime: Stage) -> list[str]:
@@ -121,18 +128,23 @@ def container_env(**base: str) -> dict[str, str]:
     return {**env, "LANG": "C.UTF-8", **base}
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory, tiny_repo) -> Image:
+# The image as built by default, and with ONNX Runtime's OpenVINO build (--build-arg SERVER_LOCK=...).
+LOCK_ARGS = ["server.lock", "server-openvino.lock"]
+
+
+@pytest.fixture(scope="module", params=LOCK_ARGS)
+def image(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_repo) -> Image:
     """The CPU image, "built": the build stage run for real, the runtime stage laid out over it."""
+    assert build_args(DOCKERFILE) == {"SERVER_LOCK": LOCK_ARGS[0]}  # the default build installs server.lock
     build, runtime = stages(DOCKERFILE)[0], stages(DOCKERFILE)[-1]
     assert build.base == runtime.base  # so the venv's interpreter is the same in both stages
     host_bin = tmp_path_factory.mktemp("host-bin")
     (host_bin / "python").symlink_to(sys._base_executable)  # the base image's `python` on PATH
     env = container_env(PATH=f"{host_bin}:/usr/bin:/bin", HOME=str(tmp_path_factory.mktemp("home")))
-    emulator = Emulator(tmp_path_factory.mktemp("root"), env)
+    emulator = Emulator(tmp_path_factory.mktemp("root"), env, build_args={"SERVER_LOCK": request.param})
     for inst in build.instructions:
         emulator.apply(inst, build, run=True)
-    emulator.workdir = "/"
+    emulator.workdir, emulator.stage_args = "/", {}
     skipped_runtime_runs(runtime)
     for inst in runtime.instructions:
         if inst.keyword == "COPY" and inst.operands() == ["model_repo/", "/models/"] and demo_repo() is None:
@@ -141,7 +153,7 @@ def image(tmp_path_factory: pytest.TempPathFactory, tiny_repo) -> Image:
         emulator.apply(inst, runtime, run=False)
     entrypoint = runtime.last("ENTRYPOINT").exec_form()
     command = [str(emulator.inside(entrypoint[0])), *entrypoint[1:], *runtime.last("CMD").exec_form()]
-    return Image(emulator, command, runtime.last("HEALTHCHECK").exec_form())
+    return Image(emulator, command, runtime.last("HEALTHCHECK").exec_form(), request.param)
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,7 @@ def test_image_venv_holds_exactly_the_lock(image: Image) -> None:
         env=image.emulator.env, capture_output=True, text=True, timeout=60, check=True,
     ).stdout  # fmt: skip
     installed = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listing)}
-    lock = (REPO / "requirements" / "server.lock").read_text()
+    lock = (REPO / "requirements" / image.lock).read_text()
     pins = {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", lock, flags=re.M)}
     assert installed.pop("vitserve") == "0.1.0"
     for tool in ("pip", "setuptools"):  # the venv's own, from ensurepip
@@ -200,8 +212,11 @@ def test_image_venv_holds_exactly_the_lock(image: Image) -> None:
     assert installed == pins
 
 
-def test_server_is_ready_and_classifies(running: Running) -> None:
+def test_server_is_ready_and_classifies(image: Image, running: Running) -> None:
     assert httpx.get(f"{running.url}/readyz", timeout=5).status_code == 200
+    version = httpx.get(f"{running.url}/models", timeout=5).json()["models"][0]["versions"][0]
+    want = "OpenVINOExecutionProvider" if "openvino" in image.lock else "CPUExecutionProvider"
+    assert version["providers"][0] == want  # the server's default providers: those this build has
     response = httpx.post(
         f"{running.url}/classify", files=[("image", ("a.png", png(), "image/png"))], timeout=30
     )

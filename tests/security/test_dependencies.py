@@ -1,6 +1,7 @@
 """The server's locked dependencies (requirements/server.lock for the CPU image, server-gpu.lock for the
-GPU one): each lock matches pyproject.toml, every known advisory is fixed in the locks and the floors, and
-two audits find nothing: tools/audit_lock.py from PyPI's project JSON (what CI reaches), and pip-audit
+GPU one, server-openvino.lock for the CPU image on ONNX Runtime's OpenVINO build): each lock matches
+pyproject.toml, every known advisory is fixed in the locks and the floors, and two audits find nothing:
+tools/audit_lock.py from PyPI's project JSON (what CI reaches), and pip-audit
 from the per-release JSON where that answers — each says plainly when its data could not be reached.
 
 How to handle a finding: SECURITY.md, "Dependencies".
@@ -31,7 +32,8 @@ except ModuleNotFoundError:  # Python 3.10
 from tools import audit_lock
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCKS = {"server.lock": "cpu", "server-gpu.lock": "gpu"}  # lock -> the extra it adds to the dependencies
+# lock -> the extra it adds to the dependencies
+LOCKS = {"server.lock": "cpu", "server-gpu.lock": "gpu", "server-openvino.lock": "openvino"}
 LOCK = ROOT / "requirements" / "server.lock"
 IGNORE = ROOT / "requirements" / "audit-ignore.txt"
 DATA = Path(__file__).parent / "data"
@@ -64,8 +66,8 @@ def test_the_lock_pins_every_server_dependency_within_pyproject(lock: str, extra
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not in {lock}: regenerate it (see its header)"
         assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} breaks {req}"
-    other = "onnxruntime-gpu" if extra == "cpu" else "onnxruntime"
-    assert "torch" not in pins and other not in pins
+    builds = {"cpu": "onnxruntime", "gpu": "onnxruntime-gpu", "openvino": "onnxruntime-openvino"}
+    assert "torch" not in pins and not {b for e, b in builds.items() if e != extra} & set(pins)
 
 
 @pytest.mark.parametrize("lock", LOCKS)
@@ -79,9 +81,10 @@ def test_every_pin_carries_hashes(lock: str) -> None:
 @pytest.mark.parametrize(("lock", "dockerfile", "base"), [
     ("server.lock", "Dockerfile", r"python:3\.11\.\d+-"),
     ("server-gpu.lock", "Dockerfile.gpu", r"ubuntu24\.04$"),  # Ubuntu 24.04's python3 is CPython 3.12
+    ("server-openvino.lock", "Dockerfile", r"python:3\.11\.\d+-"),  # --build-arg SERVER_LOCK=...
 ])  # fmt: skip
 def test_each_lock_is_compiled_for_its_image_python(lock: str, dockerfile: str, base: str) -> None:
-    python = {"server.lock": "3.11", "server-gpu.lock": "3.12"}[lock]
+    python = {"server.lock": "3.11", "server-gpu.lock": "3.12", "server-openvino.lock": "3.11"}[lock]
     assert {p.python for p in audit_lock.read_lock(ROOT / "requirements" / lock)} == {python}
     bases = re.findall(r"^FROM (\S+)", (ROOT / "docker" / dockerfile).read_text(), flags=re.M)
     assert bases and all(re.search(base, b) for b in bases), bases
