@@ -22,16 +22,18 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[cpu,train,dev]'
 	touch $@ $(VENV)/.serve
 
-# The OpenVINO build of ONNX Runtime (what `pip install 'vitserve[openvino]'` gives a server venv) cannot
+# The OpenVINO build of ONNX Runtime (what `pip install -e '.[openvino]'` gives a server venv) cannot
 # share a venv with the CPU build, so tests and benchmarks keep it in its own folder and put that first
 # on PYTHONPATH for the server processes that use it (its dependencies are all in the dev venv).
-ORT_OPENVINO_VERSION := 1.24.1
+# The same build the OpenVINO image ships (requirements/server-openvino.lock).
+ORT_OPENVINO_VERSION := $(shell sed -n 's/^onnxruntime-openvino==\([^ ]*\).*/\1/p' requirements/server-openvino.lock)
 OPENVINO_DIR := $(abspath $(VENV))/openvino
 OPENVINO_STAMP := $(OPENVINO_DIR)/.installed-$(ORT_OPENVINO_VERSION)
 $(OPENVINO_STAMP): | $(PY)
 	rm -rf $(OPENVINO_DIR)
-	$(PIP) install -q --no-deps --target $(OPENVINO_DIR) onnxruntime-openvino==$(ORT_OPENVINO_VERSION) \
-		|| echo "no OpenVINO build of ONNX Runtime for this platform: its tests and benchmarks are skipped"
+	if [ "$$(uname -m)" = x86_64 ]; then \
+		$(PIP) install -q --no-deps --target $(OPENVINO_DIR) onnxruntime-openvino==$(ORT_OPENVINO_VERSION); \
+	else echo "no OpenVINO build of ONNX Runtime for $$(uname -m): its tests and benchmarks are skipped"; fi
 	mkdir -p $(OPENVINO_DIR) && touch $@
 
 serve: $(VENV)/.serve

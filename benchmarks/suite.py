@@ -175,7 +175,7 @@ class Suite:
             int8 = servers.vitserve(repo, name, "int8", settings)
             self.measure(int8, model, "int8", plan.basic_points(), tuned)
         if "openvino" in plan.sections and any(r["variant"] == "bf16" for r in self.results["offline"]):
-            # What `pip install 'vitserve[openvino]'` users get: the defaults, OpenVINO first, bf16 (auto).
+            # What `pip install -e '.[openvino]'` users get: the defaults, OpenVINO first, bf16 (auto).
             ov = servers.vitserve(repo, name, "auto", providers=f"{openvino.OPENVINO},CPUExecutionProvider",
                                   key="vitserve-openvino", label="vitserve OpenVINO (defaults)",
                                   env=openvino.env())  # fmt: skip

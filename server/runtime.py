@@ -12,12 +12,12 @@ core (decoding, HTTP): a preempted worker stalls a split run at every operator, 
 only its own time slice. The first session, on every core, stays for lone batches: a request on an
 idle server gets the lowest latency. The weights are then held twice.
 
-With OpenVINOExecutionProvider (the `onnxruntime-openvino` build of ORT, `vitserve[openvino]`) the
+With OpenVINOExecutionProvider (the `onnxruntime-openvino` build of ORT, extra `openvino`) the
 `bf16` variant runs the fp32 graph with bf16 matrix arithmetic: on a CPU with AMX or AVX512-BF16
 that is 2-3x the fp32 rate (`variant=auto` picks it there, as it picks fp16 on CUDA). OpenVINO
 compiles initializers into the graph as constants, even the two resampling matrices a request
 overrides, so for OpenVINO they are dropped from the initializers at load and stay plain inputs
-(this needs the `onnx` package, which `vitserve[openvino]` brings).
+(this needs the `onnx` package, which the extra brings).
 
 This is the only module that imports onnxruntime; nothing above it knows about ORT.
 """
@@ -92,7 +92,7 @@ def choose_variant(requested: str, version_dir: Path, provider: str, native_bf16
         wanted = requested
     if wanted == "bf16":
         if provider != OPENVINO:
-            logger.warning("bf16 runs on %s only (vitserve[openvino]); using fp32 on %s", OPENVINO, provider)
+            logger.warning("bf16 runs on %s only (the openvino extra); using fp32 on %s", OPENVINO, provider)
             return "fp32"
         return wanted
     if wanted == "fp16" and provider not in GPU_PROVIDERS:  # a CPU would run it slower than fp32
@@ -268,7 +268,7 @@ def _matrices_as_inputs(path: Path, config: ModelConfig) -> bytes:
     try:
         import onnx
     except ImportError as exc:
-        raise ModelLoadError(f"{OPENVINO} needs the onnx package: pip install 'vitserve[openvino]'") from exc
+        raise ModelLoadError(f"{OPENVINO} needs the onnx package: pip install -e '.[openvino]'") from exc
     try:
         model = onnx.load(str(path))
         names = {config.onnx.pos_rows, config.onnx.pos_cols}
