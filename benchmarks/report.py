@@ -131,23 +131,34 @@ def paired_section(results: dict) -> list[str]:
         [r["label"], r["model"], r["variant"], r["image_kind"], f"{r['blocks']} × {r['block_size']}",
          _f(r["in_process_p50_ms"]), _f(r["server_p50_ms"]), _f(r["gap_p50_ms"], 2),
          " to ".join(_f(g, 1) for g in r["gap_range_ms"]) if r["gap_range_ms"] else "–",
-         ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"]
+         _overhead(r), ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"]
         for r in results.get("paired", [])
     ]  # fmt: skip
     if not rows:
         return []
     header = ["server", "model", "variant", "input", "blocks × calls", "in-process p50 ms",
-              "server p50 ms", "gap ms (median of blocks)", "gap range ms", "non-200"]  # fmt: skip
+              "server p50 ms", "gap ms (median of blocks)", "gap range ms",
+              "server overhead ms: median (quartiles)", "non-200"]  # fmt: skip
     return [
         "## Concurrency 1 against the in-process floor, paired",
         "",
         "One client alternates blocks: one image decoded and run in this process (the floor), then one"
         " request to the server, block after block; each block's first call is dropped. The gap is the"
         " median over blocks of (server block median − in-process block median), so the host's drift"
-        " between blocks cancels.",
+        " between blocks cancels. Server overhead: each server block's mean latency minus the decoding and"
+        " inference time the server measured itself for those requests (its `/metrics`, read before and"
+        " after the block), median over blocks: the inference time's swing between blocks cancels out of it.",
         "",
         *_table(header, rows),
     ]
+
+
+def _overhead(row: dict) -> str:
+    """The server-side overhead cell; "–" for a server without vitserve's histograms."""
+    median, quartiles = row.get("overhead_p50_ms"), row.get("overhead_quartiles_ms")
+    if median is None:
+        return "–"
+    return f"{median:.2f} ({quartiles[0]:.2f} to {quartiles[1]:.2f})" if quartiles else f"{median:.2f}"
 
 
 def targets_section(results: dict) -> list[str]:

@@ -337,7 +337,7 @@ class Suite:
         decode = offline.decoder(cfg, cfg.image_size)
         return run_sync(paired.paired_latency(
             url, self.payloads[kind], self.images[kind], lambda im: ort_model.run(decode(im.data)[None]),
-            plan.paired_blocks, plan.paired_block_size, plan.timeout_s,
+            plan.paired_blocks, plan.paired_block_size, plan.timeout_s, {"model": model.name},
         ))  # fmt: skip
 
 

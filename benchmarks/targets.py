@@ -116,6 +116,13 @@ def _paired_row(results: dict, server: str, variant: str = "fp32") -> dict | Non
     return None
 
 
+def _overhead_note(pair: dict) -> str:
+    overhead = pair.get("overhead_p50_ms")
+    if overhead is None:
+        return ""
+    return f"; server-side overhead {overhead:+.2f} ms (latency − its own decode and inference)"
+
+
 def latency_targets(results: dict) -> list[dict]:
     """c=1 p50 against the in-process floor + 2 ms: judged on the paired measurement when there is
     one (server and in-process in alternating blocks, so the host's drift cancels), else on the c=1
@@ -133,7 +140,7 @@ def latency_targets(results: dict) -> list[dict]:
             fig = (
                 f"paired, {pair['blocks']} blocks: server p50 {pair['server_p50_ms']:.1f} ms vs in-process"
                 f" {pair['in_process_p50_ms']:.1f} ms; gap median {pair['gap_p50_ms']:+.1f} ms"
-                f" (blocks {low:+.1f} to {high:+.1f}){http_note}"
+                f" (blocks {low:+.1f} to {high:+.1f}){_overhead_note(pair)}{http_note}"
             )
             out.append({"target": target, "figure": fig, "verdict": _verdict(pair["gap_p50_ms"] <= 2.0)})
             continue

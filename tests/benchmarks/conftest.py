@@ -8,19 +8,29 @@ import time
 
 import pytest
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from benchmarks.processes import free_port
 
 
 class Probe:
-    """What the fake server saw: requests, images (multipart parts), and the most in flight at once."""
+    """What the fake server saw: requests, images (multipart parts), and the most in flight at once.
+
+    Like vitserve, it publishes decode and inference histograms at /metrics (unless `metrics` is
+    turned off): a 200 records `infer_ms` (default: all of `sleep_ms`) as inference, `decode_ms` as
+    decoding.
+    """
 
     def __init__(self) -> None:
         self.requests = self.images = self.in_flight = self.max_in_flight = 0
+        self.metrics = True
+        self.registry = CollectorRegistry()
+        self.preprocess = Histogram("vitserve_preprocess_seconds", "", ["model"], registry=self.registry)
+        self.inference = Histogram("vitserve_inference_seconds", "", ["model"], registry=self.registry)
 
 
 def _app(probe: Probe) -> Starlette:
@@ -37,10 +47,21 @@ def _app(probe: Probe) -> Starlette:
         finally:
             probe.in_flight -= 1
         status = int(q.get("status", 200))
+        if status == 200:
+            model, sleep_ms = q.get("model", ""), q.get("sleep_ms", "0")
+            probe.inference.labels(model).observe(float(q.get("infer_ms", sleep_ms)) / 1e3)
+            probe.preprocess.labels(model).observe(float(q.get("decode_ms", 0)) / 1e3)
         answered = parts + int(q.get("extra", 0))
         return JSONResponse({"predictions": [[{"index": 0, "score": 1.0}]] * answered}, status_code=status)
 
-    return Starlette(routes=[Route("/classify", classify, methods=["POST"])])
+    async def metrics(request: Request) -> Response:
+        if not probe.metrics:
+            return Response(status_code=404)
+        return Response(generate_latest(probe.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[Route("/classify", classify, methods=["POST"]), Route("/metrics", metrics, methods=["GET"])]
+    )
 
 
 @pytest.fixture

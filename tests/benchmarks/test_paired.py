@@ -29,6 +29,40 @@ def test_blocks_alternate_and_the_gap_is_server_minus_in_process(fake_server):
     assert 10 < result["gap_p50_ms"] < result["server_p50_ms"]
     low, high = result["gap_range_ms"]
     assert low <= result["gap_p50_ms"] <= high
+    # The fake server says it decoded and ran for all of its 20 ms: its own overhead is HTTP alone.
+    assert result["overhead_blocks"] == 3
+    assert 0 <= result["overhead_p50_ms"] < 10
+
+
+def test_server_overhead_is_latency_less_what_the_server_measured(fake_server):
+    base, _ = fake_server
+    images = image_set("jpeg-64x48", 2)
+    payloads = [multipart([im]) for im in images]
+    # 30 ms asleep per request, of which the server counts 18 as decoding and inference: 12 ms over.
+    url = f"{base}/classify?model=m&sleep_ms=30&infer_ms=8&decode_ms=10"
+    result = run_sync(
+        paired_latency(url, payloads, images, lambda _: None, 3, 2, metrics_match={"model": "m"})
+    )
+    assert result["overhead_blocks"] == 3
+    assert 12 <= result["overhead_p50_ms"] < 18
+    q1, q3 = result["overhead_quartiles_ms"]
+    assert q1 <= result["overhead_p50_ms"] <= q3
+    # Another model's series: nothing matches, so there is no overhead to give.
+    other = run_sync(
+        paired_latency(url, payloads, images, lambda _: None, 2, 2, metrics_match={"model": "x"})
+    )
+    assert other["overhead_p50_ms"] is None and other["overhead_blocks"] == 0
+
+
+def test_no_overhead_without_the_servers_histograms(fake_server):
+    base, probe = fake_server
+    probe.metrics = False  # as LitServe or Ray Serve: no /metrics of vitserve's kind
+    images = image_set("jpeg-64x48", 1)
+    result = run_sync(
+        paired_latency(f"{base}/classify?sleep_ms=5", [multipart(images)], images, lambda _: None, 2, 2)
+    )
+    assert result["server_p50_ms"] >= 5
+    assert result["overhead_p50_ms"] is None and result["overhead_quartiles_ms"] is None
 
 
 def test_failed_requests_are_counted_not_timed(fake_server):
@@ -38,3 +72,4 @@ def test_failed_requests_are_counted_not_timed(fake_server):
     result = run_sync(paired_latency(f"{base}/classify?status=503", payloads, images, lambda _: None, 2, 2))
     assert result["errors"] == {"503": 3 + 2 * 3}
     assert result["server_p50_ms"] is None and result["gap_p50_ms"] is None
+    assert result["overhead_p50_ms"] is None  # no 200 to take the server's time from

@@ -88,6 +88,8 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     )  # against bf16 in the OpenVINO build's process
     assert set(paired) == {"vitserve", "vitserve-tuned"} | ov
     assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())
+    # vitserve's /metrics gives its own overhead in every block: one batch of one per request
+    assert all(r["overhead_blocks"] == r["blocks"] and r["overhead_p50_ms"] > 0 for r in paired.values())
 
 
 def test_quick_run_writes_the_tables(quick_run):

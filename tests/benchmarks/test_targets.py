@@ -110,7 +110,7 @@ def _paired(gap_ms: float) -> dict:
         "server": "vitserve", "label": "vitserve (defaults)", "model": "m", "variant": "fp32",
         "image_kind": "jpeg", "blocks": 40, "block_size": 4, "in_process_p50_ms": 10.0,
         "server_p50_ms": 10.0 + gap_ms, "gap_p50_ms": gap_ms, "gap_range_ms": [gap_ms - 3, gap_ms + 3],
-        "errors": {},
+        "overhead_p50_ms": 1.6, "overhead_quartiles_ms": [1.5, 1.7], "overhead_blocks": 40, "errors": {},
     }  # fmt: skip
 
 
@@ -120,6 +120,8 @@ def test_the_paired_gap_decides_the_latency_target_when_measured():
     results["paired"] = [_paired(1.8)]
     (target,) = [t for t in evaluate(results) if t["target"] == latency]
     assert target["verdict"] == "met" and "gap median +1.8 ms" in target["figure"]
+    assert "server-side overhead +1.60 ms" in target["figure"]
+    assert "1.60 (1.50 to 1.70)" in markdown(results)
     results["paired"] = [_paired(2.3)]
     assert _verdicts(results)[latency] == "**missed**"
     assert "## Concurrency 1 against the in-process floor, paired" in markdown(results)
