@@ -125,8 +125,9 @@ def _overhead_note(pair: dict) -> str:
 
 def latency_targets(results: dict) -> list[dict]:
     """c=1 p50 against the in-process floor + 2 ms: judged on the paired measurement when there is
-    one (server and in-process in alternating blocks, so the host's drift cancels), else on the c=1
-    row against the offline single-image time."""
+    one (server and in-process in alternating blocks, so the host's drift cancels), and then also on
+    the server-side overhead it measured, when the server publishes it; else on the c=1 row against
+    the offline single-image time."""
     http = _server_row(results, "http-floor", "c=1", variant="–")
     http_note = ""
     if http and http["latency"]["p50_ms"] is not None:
@@ -142,7 +143,11 @@ def latency_targets(results: dict) -> list[dict]:
                 f" {pair['in_process_p50_ms']:.1f} ms; gap median {pair['gap_p50_ms']:+.1f} ms"
                 f" (blocks {low:+.1f} to {high:+.1f}){_overhead_note(pair)}{http_note}"
             )
-            out.append({"target": target, "figure": fig, "verdict": _verdict(pair["gap_p50_ms"] <= 2.0)})
+            # The gap is good to about 1.5 ms; the server-side overhead, where measured, to about 0.1:
+            # a gap under 2 ms by noise alone is not a met target.
+            overhead = pair.get("overhead_p50_ms")
+            met = pair["gap_p50_ms"] <= 2.0 and (overhead is None or overhead <= 2.0)
+            out.append({"target": target, "figure": fig, "verdict": _verdict(met)})
             continue
         row = _server_row(results, key, "c=1", variant)
         if not (row and limit and row["latency"]["p50_ms"] is not None):

@@ -124,6 +124,11 @@ def test_the_paired_gap_decides_the_latency_target_when_measured():
     assert "1.60 (1.50 to 1.70)" in markdown(results)
     results["paired"] = [_paired(2.3)]
     assert _verdicts(results)[latency] == "**missed**"
+    # a gap under 2 ms while the server's own overhead, the finer figure, is over: missed
+    results["paired"] = [{**_paired(1.8), "overhead_p50_ms": 2.4}]
+    assert _verdicts(results)[latency] == "**missed**"
+    results["paired"] = [{**_paired(1.8), "overhead_p50_ms": None}]  # not measured: the gap decides
+    assert _verdicts(results)[latency] == "met"
     assert "## Concurrency 1 against the in-process floor, paired" in markdown(results)
 
 
