@@ -66,7 +66,7 @@ def test_every_published_port_is_on_loopback_by_default(compose: dict[str, Any])
 
 
 def server_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: compose["services"][name] for name in ("vitserve", "vitserve-gpu")}
+    return {name: compose["services"][name] for name in ("vitserve", "vitserve-gpu", "vitserve-openvino")}
 
 
 def test_server_services_match_their_images(compose: dict[str, Any]) -> None:
@@ -113,6 +113,23 @@ def test_gpu_profile_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "profiles" not in compose["services"]["vitserve"]  # the CPU server is the default
+
+
+def test_openvino_profile_builds_the_cpu_image_on_the_openvino_lock(compose: dict[str, Any]) -> None:
+    service = compose["services"]["vitserve-openvino"]
+    assert service["profiles"] == ["openvino"]
+    build = service["build"]
+    assert build["dockerfile"] == compose["services"]["vitserve"]["build"]["dockerfile"]
+    lock = build["args"]["SERVER_LOCK"]
+    assert (REPO / "requirements" / lock).is_file() and "onnxruntime-openvino==" in (
+        REPO / "requirements" / lock
+    ).read_text()
+    # the Dockerfile takes that argument, and the image then leaves the providers to the server
+    dockerfile = (REPO / build["dockerfile"]).read_text()
+    assert "ARG SERVER_LOCK" in dockerfile and "requirements/${SERVER_LOCK}" in dockerfile
+    assert "VITSERVE_PROVIDERS" not in service["environment"]
+    ports = {name: s["ports"][0].rsplit(":", 2)[1] for name, s in server_services(compose).items()}
+    assert len(set(ports.values())) == len(ports), f"two server services publish one host port: {ports}"
 
 
 def test_train_profile_runs_the_training_image(compose: dict[str, Any]) -> None:
