@@ -8,10 +8,12 @@ caches) and the figure is the median over blocks of (server block median - in-pr
 
 That figure is good to about 1.5 ms, since a block's inference time swings by tens of ms. A server
 that publishes vitserve's histograms (`/metrics`) is also read just before and after each of its
-blocks, giving the server's own overhead: the block's latency minus the decoding and inference time
-the server itself measured for those requests (every call, the dropped one included, and only
-blocks where each request ran as one batch of one). The inference swing cancels out of that figure,
-which repeats to about 0.1 ms: the fine measure of what HTTP, queueing, hand-offs and top-k cost.
+blocks, giving its overhead outside decoding and inference: the block's mean latency minus the
+decoding and inference time the server itself measured for those requests (every call, the dropped
+one included, and only blocks where each request ran as one batch). The inference swing cancels out
+of that figure: the fine measure of what the client, HTTP, queueing, hand-offs and top-k cost. It
+leaves out any difference between the server's decoding and inference and the in-process ones, which
+the gap includes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from urllib.parse import urlsplit
 
 from benchmarks import prometheus, wire
 from benchmarks.images import EncodedImage
-from benchmarks.latency import OK
+from benchmarks.latency import OK, Sample
 from benchmarks.loadgen import Payload, Sender, check_loopback
 
 RunOne = Callable[[EncodedImage], object]
@@ -38,7 +40,7 @@ def _median_ms(values_s: list[float]) -> float:
 def _quartiles(values: list[float]) -> list[float] | None:
     if len(values) < 2:
         return None
-    q1, _, q3 = statistics.quantiles(values, n=4)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return [q1, q3]
 
 
@@ -52,17 +54,17 @@ def _local_block(run_one: RunOne, images: list[EncodedImage], size: int, start: 
 
 
 async def _server_block(
-    sender: Sender, size: int, errors: dict[str, int], every: list[float] | None = None
+    sender: Sender, size: int, errors: dict[str, int], answered: list[Sample] | None = None
 ) -> list[float]:
-    """The block's timed latencies (its first call dropped); `every` gets each 200's, that one too."""
+    """The block's timed latencies (its first call dropped); `answered` gets every 200, that one too."""
     times = []
     for i in range(size + 1):
         sample = await sender.send()
         if sample.status != OK:
             errors[sample.status] = errors.get(sample.status, 0) + 1
             continue
-        if every is not None:
-            every.append(sample.latency_s)
+        if answered is not None:
+            answered.append(sample)
         if i:
             times.append(sample.latency_s)
     return times
@@ -71,31 +73,40 @@ async def _server_block(
 class _ServerClock:
     """The decoding and inference time a vitserve server measured itself, read from its /metrics."""
 
+    NAMES = (prometheus.SPLIT_METRICS["preprocess_s"], prometheus.SPLIT_METRICS["inference_s"])
+
     def __init__(self, url: str, match: dict[str, str] | None) -> None:
         parts = urlsplit(url)
         self.base, self.match = f"{parts.scheme}://{parts.netloc}", match
 
     async def read(self) -> dict[str, prometheus.Histogram] | None:
+        """The two histograms of the matched series, or None (no /metrics, no such series yet)."""
         text = await asyncio.to_thread(prometheus.scrape, self.base)
         if text is None:
             return None
         found = prometheus.parse_histograms(text, self.match)
-        names = (prometheus.SPLIT_METRICS["preprocess_s"], prometheus.SPLIT_METRICS["inference_s"])
-        return found if all(n in found for n in names) else None
-
-    @staticmethod
-    def overhead_ms(before: dict | None, after: dict | None, latencies: list[float]) -> float | None:
-        """Mean latency minus mean server-measured decode + inference, when each request was one batch."""
-        if before is None or after is None or not latencies:
+        if not all(name in found and found[name].count > 0 for name in self.NAMES):
             return None
+        return found
+
+    @classmethod
+    def overhead_ms(cls, before: dict | None, after: dict | None, answered: list[Sample]) -> float | None:
+        """Mean latency minus the mean decode + inference the server measured for those requests.
+
+        Only when the counts add up: one decode per image, one batch per request (each request's
+        images ran together, none with another request's). Else None: batched with each other,
+        failed after decoding, or someone else's traffic.
+        """
+        if before is None or after is None or not answered:
+            return None
+        expected = (sum(s.images for s in answered), len(answered))  # decodes, batches
         spent = 0.0
-        for key in ("preprocess_s", "inference_s"):
-            name = prometheus.SPLIT_METRICS[key]
+        for name, count in zip(cls.NAMES, expected, strict=True):
             delta = after[name].minus(before[name])
-            if delta.count != len(latencies):  # batched together, failed, or someone else's traffic
+            if delta.count != count:
                 return None
             spent += delta.total
-        return (sum(latencies) - spent) / len(latencies) * 1e3
+        return (sum(s.latency_s for s in answered) - spent) / len(answered) * 1e3
 
 
 async def paired_latency(
@@ -127,17 +138,17 @@ async def paired_latency(
     try:
         sender = Sender(pool, payloads, timeout_s)
         await _server_block(sender, 2, errors)  # a connection, and the server's first answers
-        has_clock = await clock.read() is not None
         for _ in range(blocks):  # both sides of a pair run the same images, in the same order
             here = _local_block(run_one, images, block_size, sender.next_index)
-            before, every = await clock.read() if has_clock else None, []
-            there = await _server_block(sender, block_size, errors, every)
-            after = await clock.read() if has_clock else None
+            # Read before the block's dropped call, which takes any disturbance of the read itself.
+            before, answered = await clock.read(), []
+            there = await _server_block(sender, block_size, errors, answered)
+            after = await clock.read()
             local += here
             server += there
             if there:
                 gaps.append(_median_ms(there) - _median_ms(here))
-            overhead = clock.overhead_ms(before, after, every)
+            overhead = clock.overhead_ms(before, after, answered)
             if overhead is not None:
                 overheads.append(overhead)
     finally:

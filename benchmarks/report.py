@@ -138,16 +138,18 @@ def paired_section(results: dict) -> list[str]:
         return []
     header = ["server", "model", "variant", "input", "blocks × calls", "in-process p50 ms",
               "server p50 ms", "gap ms (median of blocks)", "gap range ms",
-              "server overhead ms: median (quartiles)", "non-200"]  # fmt: skip
+              "overhead outside decode + inference ms: median (quartiles), blocks", "non-200"]  # fmt: skip
     return [
         "## Concurrency 1 against the in-process floor, paired",
         "",
         "One client alternates blocks: one image decoded and run in this process (the floor), then one"
         " request to the server, block after block; each block's first call is dropped. The gap is the"
         " median over blocks of (server block median − in-process block median), so the host's drift"
-        " between blocks cancels. Server overhead: each server block's mean latency minus the decoding and"
-        " inference time the server measured itself for those requests (its `/metrics`, read before and"
-        " after the block), median over blocks: the inference time's swing between blocks cancels out of it.",
+        " between blocks cancels. Overhead outside decode + inference: each server block's mean latency"
+        " minus the decoding and inference time the server measured itself for those requests (its"
+        " `/metrics`, read before and after the block; the dropped call included), median over the blocks"
+        " where the counts added up: the inference time's swing between blocks cancels out of it, and so"
+        " does any difference between the server's decoding and inference and the in-process ones.",
         "",
         *_table(header, rows),
     ]
@@ -158,7 +160,8 @@ def _overhead(row: dict) -> str:
     median, quartiles = row.get("overhead_p50_ms"), row.get("overhead_quartiles_ms")
     if median is None:
         return "–"
-    return f"{median:.2f} ({quartiles[0]:.2f} to {quartiles[1]:.2f})" if quartiles else f"{median:.2f}"
+    spread = f" ({quartiles[0]:.2f} to {quartiles[1]:.2f})" if quartiles else ""
+    return f"{median:.2f}{spread}, {row.get('overhead_blocks', '?')} of {row['blocks']}"
 
 
 def targets_section(results: dict) -> list[str]:

@@ -324,6 +324,11 @@ class Suite:
                 return
         else:
             result = self.paired_result(url, model, variant)
+        if result.get("overhead_blocks", 0) < result["blocks"] / 2:  # vitserve publishes the histograms
+            log.warning(
+                "  %s: overhead outside decode + inference read in only %s of %d blocks (see /metrics)",
+                server.key, result.get("overhead_blocks", 0), result["blocks"],
+            )  # fmt: skip
         self.results["paired"].append(
             {"server": server.key, "label": server.label, "model": model.name, "variant": variant,
              "image_kind": kind, **result}

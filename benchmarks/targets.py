@@ -120,7 +120,10 @@ def _overhead_note(pair: dict) -> str:
     overhead = pair.get("overhead_p50_ms")
     if overhead is None:
         return ""
-    return f"; server-side overhead {overhead:+.2f} ms (latency − its own decode and inference)"
+    return (
+        f"; overhead outside decode + inference (the server's own /metrics) {overhead:+.2f} ms,"
+        f" {pair.get('overhead_blocks', '?')} of {pair['blocks']} blocks"
+    )
 
 
 def latency_targets(results: dict) -> list[dict]:
@@ -143,8 +146,9 @@ def latency_targets(results: dict) -> list[dict]:
                 f" {pair['in_process_p50_ms']:.1f} ms; gap median {pair['gap_p50_ms']:+.1f} ms"
                 f" (blocks {low:+.1f} to {high:+.1f}){_overhead_note(pair)}{http_note}"
             )
-            # The gap is good to about 1.5 ms; the server-side overhead, where measured, to about 0.1:
-            # a gap under 2 ms by noise alone is not a met target.
+            # Both must be within 2 ms: the gap is good to about 1.5 ms, and the overhead outside decode
+            # + inference, where measured, to about 0.1 but blind to a slower decode or inference in
+            # the server. A gap under 2 ms by noise alone is not a met target.
             overhead = pair.get("overhead_p50_ms")
             met = pair["gap_p50_ms"] <= 2.0 and (overhead is None or overhead <= 2.0)
             out.append({"target": target, "figure": fig, "verdict": _verdict(met)})

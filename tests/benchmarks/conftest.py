@@ -21,8 +21,8 @@ class Probe:
     """What the fake server saw: requests, images (multipart parts), and the most in flight at once.
 
     Like vitserve, it publishes decode and inference histograms at /metrics (unless `metrics` is
-    turned off): a 200 records `infer_ms` (default: all of `sleep_ms`) as inference, `decode_ms` as
-    decoding.
+    turned off): a 200 records one decode per image, `decode_ms` in all, and one batch, the rest of
+    the time it slept less `untimed_ms`.
     """
 
     def __init__(self) -> None:
@@ -42,15 +42,19 @@ def _app(probe: Probe) -> Starlette:
         probe.images += parts
         probe.in_flight += 1
         probe.max_in_flight = max(probe.max_in_flight, probe.in_flight)
+        start = time.perf_counter()
         try:
             await asyncio.sleep(float(q.get("sleep_ms", 0)) / 1e3)
         finally:
             probe.in_flight -= 1
+        slept = time.perf_counter() - start
         status = int(q.get("status", 200))
-        if status == 200:
-            model, sleep_ms = q.get("model", ""), q.get("sleep_ms", "0")
-            probe.inference.labels(model).observe(float(q.get("infer_ms", sleep_ms)) / 1e3)
-            probe.preprocess.labels(model).observe(float(q.get("decode_ms", 0)) / 1e3)
+        if status == 200:  # of the time slept, `decode_ms` is decoding, `untimed_ms` is neither
+            model, decode_s = q.get("model", ""), float(q.get("decode_ms", 0)) / 1e3
+            untimed_s = float(q.get("untimed_ms", 0)) / 1e3
+            for _ in range(parts):
+                probe.preprocess.labels(model).observe(decode_s / max(parts, 1))
+            probe.inference.labels(model).observe(slept - decode_s - untimed_s)
         answered = parts + int(q.get("extra", 0))
         return JSONResponse({"predictions": [[{"index": 0, "score": 1.0}]] * answered}, status_code=status)
 

@@ -38,13 +38,14 @@ def test_server_overhead_is_latency_less_what_the_server_measured(fake_server):
     base, _ = fake_server
     images = image_set("jpeg-64x48", 2)
     payloads = [multipart([im]) for im in images]
-    # 30 ms asleep per request, of which the server counts 18 as decoding and inference: 12 ms over.
-    url = f"{base}/classify?model=m&sleep_ms=30&infer_ms=8&decode_ms=10"
+    # Of 30 ms asleep per request, 10 are counted as decoding and 8 as neither: 8 ms over, plus HTTP.
+    # (Not subtracting the decoding would give 18, not subtracting the inference 30.)
+    url = f"{base}/classify?model=m&sleep_ms=30&decode_ms=10&untimed_ms=8"
     result = run_sync(
         paired_latency(url, payloads, images, lambda _: None, 3, 2, metrics_match={"model": "m"})
     )
     assert result["overhead_blocks"] == 3
-    assert 12 <= result["overhead_p50_ms"] < 18
+    assert 8 <= result["overhead_p50_ms"] < 14
     q1, q3 = result["overhead_quartiles_ms"]
     assert q1 <= result["overhead_p50_ms"] <= q3
     # Another model's series: nothing matches, so there is no overhead to give.
@@ -52,6 +53,30 @@ def test_server_overhead_is_latency_less_what_the_server_measured(fake_server):
         paired_latency(url, payloads, images, lambda _: None, 2, 2, metrics_match={"model": "x"})
     )
     assert other["overhead_p50_ms"] is None and other["overhead_blocks"] == 0
+
+
+def test_two_images_per_request_are_two_decodes_and_one_batch(fake_server):
+    base, _ = fake_server
+    images = image_set("jpeg-64x48", 2)
+    url = f"{base}/classify?model=m&sleep_ms=10&untimed_ms=4"
+    result = run_sync(paired_latency(url, [multipart(images)], images[:1], lambda _: None, 2, 2))
+    assert result["overhead_blocks"] == 2 and 4 <= result["overhead_p50_ms"] < 10
+
+
+def test_a_block_whose_counts_do_not_add_up_gives_no_overhead(fake_server):
+    base, probe = fake_server
+    images = image_set("jpeg-64x48", 1)
+    payloads = [multipart(images)]
+    # Someone else's request between the reads: one decode and one batch more than this block sent.
+    real_observe = probe.inference.labels("").observe
+
+    def twice(seconds: float) -> None:
+        real_observe(seconds)
+        real_observe(seconds)
+
+    probe.inference.labels("").observe = twice
+    result = run_sync(paired_latency(f"{base}/classify?sleep_ms=5", payloads, images, lambda _: None, 2, 2))
+    assert result["gap_p50_ms"] is not None and result["overhead_blocks"] == 0
 
 
 def test_no_overhead_without_the_servers_histograms(fake_server):
