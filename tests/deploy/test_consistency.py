@@ -65,6 +65,13 @@ def test_server_accepts_the_environment(where: str, monkeypatch: pytest.MonkeyPa
     assert str(settings.model_repo) in ("/models", "/mnt/models")
 
 
+@pytest.mark.parametrize("where", ENVIRONMENTS)
+def test_every_deployment_keeps_start_up_batch_tuning(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A max batch size set in the environment fixes it: the start-up measurement is skipped."""
+    settings = settings_from(ENVIRONMENTS[where](), monkeypatch)
+    assert "max_batch_size" not in settings.model_fields_set
+
+
 def test_an_empty_admin_key_would_be_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Why compose passes VITSERVE_ADMIN_API_KEY with no value rather than `${...:-}`."""
     assert compose_env("vitserve")["VITSERVE_ADMIN_API_KEY"] is None
