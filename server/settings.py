@@ -253,8 +253,8 @@ class Settings(BaseSettings):
 def _show_default(name: str) -> str:
     field = Settings.model_fields[name]
     value = field.get_default(call_default_factory=True)
-    if isinstance(value, list):
-        return ",".join(value) or "none"
+    if isinstance(value, list):  # ", " so that help text wraps between items, not inside one
+        return ", ".join(value) or "none"
     return "unset" if value is None else str(value)
 
 
