@@ -24,6 +24,7 @@ class Model:
         self.images = 0
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        self.threads.append(threading.current_thread().name)
         self.images += len(pixels)
         return np.stack([pixels.mean(axis=(1, 2, 3)), np.zeros(len(pixels))], axis=1).astype(np.float32)
 
@@ -57,6 +58,63 @@ async def test_the_pool_thread_queues_its_image_and_the_answer_comes_back() -> N
     assert all(name.startswith("decode") for name in queued_from)
     assert _idle(b)
     await b.drain()
+
+
+async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None:
+    model = Model()
+    b = _batcher(model)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+        with b.admit(HW, 1) as adm:
+            row = await adm.infer_prepared(lambda: np.full((3, *HW), 3.0, np.float32), pool)
+        assert float(row[0]) == 3.0 and model.threads == ["decode_0"]
+        assert b._metrics.queue_wait.labels("m")._sum.get() == 0.0  # counted, as not having waited
+        # one after another, each is alone again
+        for v in (1.0, 2.0):
+            with b.admit(HW, 1) as adm:
+                assert (
+                    float((await adm.infer_prepared(lambda v=v: np.full((3, *HW), v, np.float32), pool))[0])
+                    == v
+                )
+    assert model.threads == ["decode_0"] * 3 and _idle(b) and not b._running
+    await b.drain()
+
+
+async def test_an_image_with_company_goes_to_the_inference_thread() -> None:
+    model, release = Model(), threading.Event()
+    b = _batcher(model)
+
+    def held(v: float) -> np.ndarray:
+        release.wait(5)  # both images admitted and decoding: neither is alone
+        return np.full((3, *HW), v, np.float32)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool, b.admit(HW, 2) as adm:
+        tasks = [asyncio.ensure_future(adm.infer_prepared(lambda v=v: held(v), pool)) for v in (1.0, 2.0)]
+        await asyncio.sleep(0.02)
+        release.set()
+        rows = await asyncio.gather(*tasks)
+    assert sorted(float(r[0]) for r in rows) == [1.0, 2.0]
+    assert model.threads and all(name.startswith("vitserve-infer") for name in model.threads)
+    await b.drain()
+
+
+async def test_drain_waits_for_a_lone_image_running_on_a_decode_thread() -> None:
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_model(pixels: np.ndarray) -> np.ndarray:
+        started.set()
+        finish.wait(5)
+        return np.zeros((len(pixels), 2), np.float32)
+
+    b = _batcher(slow_model)  # type: ignore[arg-type]
+    with ThreadPoolExecutor(1) as pool, b.admit(HW, 1) as adm:
+        task = asyncio.ensure_future(adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool))
+        await asyncio.to_thread(started.wait, 5)
+        drain = asyncio.ensure_future(b.drain())
+        await asyncio.sleep(0.1)
+        assert not drain.done()  # the session must outlive the run, so draining waits for it
+        finish.set()
+        await drain
+        assert (await task).shape == (2,) and b._running == 0
 
 
 async def test_a_failed_decode_gives_its_reservation_back() -> None:
