@@ -127,6 +127,9 @@ class Admission:
         if self._left <= 0:
             raise RuntimeError("more images submitted than admitted")
         batcher, item = self._batcher, _Item(self.hw, self._batcher._loop.create_future())
+        # A lone image keeps its decode thread for inference only if the pool has another one for
+        # the next upload: with a single decode thread, that upload's decoding would wait for it.
+        spare_thread = getattr(pool, "_max_workers", 2) > 1
 
         def work() -> None:
             try:
@@ -137,7 +140,7 @@ class Admission:
                 batcher._release(self.hw, 1)
                 batcher._call_loop(batcher._fail, item, exc)
                 return
-            if batcher._take_lone(item, pixels, self.deadline):
+            if spare_thread and batcher._take_lone(item, pixels, self.deadline):
                 batcher._run_here(item)
             else:
                 batcher._queue(item, pixels, self.deadline)

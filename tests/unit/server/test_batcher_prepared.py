@@ -63,7 +63,7 @@ async def test_the_pool_thread_queues_its_image_and_the_answer_comes_back() -> N
 async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None:
     model = Model()
     b = _batcher(model)
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
         with b.admit(HW, 1) as adm:
             row = await adm.infer_prepared(lambda: np.full((3, *HW), 3.0, np.float32), pool)
         assert float(row[0]) == 3.0 and model.threads == ["decode_0"]
@@ -76,6 +76,15 @@ async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None
                     == v
                 )
     assert model.threads == ["decode_0"] * 3 and _idle(b) and not b._running
+    await b.drain()
+
+
+async def test_with_a_single_decode_thread_a_lone_image_goes_to_the_inference_thread() -> None:
+    model = Model()
+    b = _batcher(model)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool, b.admit(HW, 1) as adm:
+        await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+    assert model.threads == ["vitserve-infer-m-0"]  # the next upload's decoding need not wait for it
     await b.drain()
 
 
@@ -106,7 +115,7 @@ async def test_drain_waits_for_a_lone_image_running_on_a_decode_thread() -> None
         return np.zeros((len(pixels), 2), np.float32)
 
     b = _batcher(slow_model)  # type: ignore[arg-type]
-    with ThreadPoolExecutor(1) as pool, b.admit(HW, 1) as adm:
+    with ThreadPoolExecutor(2) as pool, b.admit(HW, 1) as adm:
         task = asyncio.ensure_future(adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool))
         await asyncio.to_thread(started.wait, 5)
         drain = asyncio.ensure_future(b.drain())
