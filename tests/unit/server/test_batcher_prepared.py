@@ -66,7 +66,7 @@ async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None
     with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
         with b.admit(HW, 1) as adm:
             row = await adm.infer_prepared(lambda: np.full((3, *HW), 3.0, np.float32), pool)
-        assert float(row[0]) == 3.0 and model.threads == ["decode_0"]
+        assert float(row[0]) == 3.0 and model.threads == ["decode_0"]  # the pool's only thread so far
         assert b._metrics.queue_wait.labels("m")._sum.get() == 0.0  # counted, as not having waited
         # one after another, each is alone again
         for v in (1.0, 2.0):
@@ -75,7 +75,9 @@ async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None
                     float((await adm.infer_prepared(lambda v=v: np.full((3, *HW), v, np.float32), pool))[0])
                     == v
                 )
-    assert model.threads == ["decode_0"] * 3 and _idle(b) and not b._running
+    # the pool may have started its second thread meanwhile: either of its threads, never the batcher's
+    assert len(model.threads) == 3 and all(name.startswith("decode_") for name in model.threads)
+    assert _idle(b) and not b._running
     await b.drain()
 
 
@@ -102,7 +104,9 @@ async def test_an_image_with_company_goes_to_the_inference_thread() -> None:
         release.set()
         rows = await asyncio.gather(*tasks)
     assert sorted(float(r[0]) for r in rows) == [1.0, 2.0]
-    assert model.threads and all(name.startswith("vitserve-infer") for name in model.threads)
+    # the first one decoded saw the other's reservation: queued, for the inference thread (the second
+    # may find the batcher idle again by the time it is decoded, and run alone)
+    assert model.images == 2 and "vitserve-infer-m-0" in model.threads  # one batch of two, or two
     await b.drain()
 
 
