@@ -13,7 +13,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import WSGIServer
 
 from fastapi import FastAPI
@@ -22,7 +21,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.batcher import BatchPolicy
+from server.batcher import BatchPolicy, DecodeThreads
 from server.errors import ErrorMiddleware, install_error_handlers
 from server.guards import BodyGuard, RequestId, UploadBudget
 from server.metrics import Metrics
@@ -118,7 +117,7 @@ def _add_middleware(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     repository: ModelRepository = app.state.repository
-    pool = ThreadPoolExecutor(
+    pool = DecodeThreads(
         settings.decode_threads,
         thread_name_prefix="vitserve-decode",
         initializer=lower_thread_priority,

@@ -7,8 +7,9 @@ Policy (also in the README):
   than the wait bound (`server.admission`), it is refused at once (`QueueFullError`, 503).
 * An idle executor dispatches at once: a lone request never waits for `max_queue_delay`. A lone
   image (nothing else running, queued or being decoded) runs on the decode thread that prepared it,
-  as a batch of one on every core: one thread hand-off less per request at concurrency 1 (0.25 ms
-  on ViT-S/16 on the 2-core development machine). The inference threads wait while it runs.
+  as a batch of one on every core, when the decode pool (`DecodeThreads`, shared by every model)
+  has another thread left to decode: one thread hand-off less per request at concurrency 1 (about
+  0.2 ms on ViT-S/16 on the 2-core development machine). The inference threads wait while it runs.
 * While a batch runs, new items queue up; when the executor frees, it takes up to `max_batch_size`
   items from the queue whose head is oldest (resolutions share the thread fairly).
 * `max_queue_delay` only matters while work is in flight: right after a batch, if a partial batch
@@ -36,9 +37,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +52,8 @@ from server.niceness import lower_thread_priority
 logger = logging.getLogger(__name__)
 
 RunBatch = Callable[[np.ndarray], np.ndarray]
-"""(N, 3, H, W) float32 -> (N, K) float32 logits; called from the batcher's inference threads."""
+"""(N, 3, H, W) float32 -> (N, K) float32 logits; called from the batcher's inference threads, or
+from a decode thread running a lone image (one call at a time on every core either way)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,18 @@ class BatchPolicy:
     max_queue_wait_s: float | None = None  # None: derived (server.admission.WaitBound)
     auto_batch_size: bool = False  # max_batch_size is a limit; start-up tuning picks below it
     batch_timings: tuple[tuple[int, float], ...] = ()  # start-up (batch size, seconds per image)
+
+
+class DecodeThreads(ThreadPoolExecutor):
+    """The decode pool, with a budget of threads that may keep a lone image for its inference.
+
+    The budget is one thread fewer than the pool has, shared by every batcher using the pool, so
+    that one thread is always left to decode the next upload (none with a single thread).
+    """
+
+    def __init__(self, max_workers: int, **kwargs: Any) -> None:
+        super().__init__(max_workers, **kwargs)
+        self.lone_runs = threading.BoundedSemaphore(max(max_workers - 1, 0))
 
 
 class _State(Enum):
@@ -127,9 +142,7 @@ class Admission:
         if self._left <= 0:
             raise RuntimeError("more images submitted than admitted")
         batcher, item = self._batcher, _Item(self.hw, self._batcher._loop.create_future())
-        # A lone image keeps its decode thread for inference only if the pool has another one for
-        # the next upload: with a single decode thread, that upload's decoding would wait for it.
-        spare_thread = getattr(pool, "_max_workers", 2) > 1
+        lone_runs = getattr(pool, "lone_runs", None)  # a `DecodeThreads` pool's budget; else none
 
         def work() -> None:
             try:
@@ -140,10 +153,14 @@ class Admission:
                 batcher._release(self.hw, 1)
                 batcher._call_loop(batcher._fail, item, exc)
                 return
-            if spare_thread and batcher._take_lone(item, pixels, self.deadline):
-                batcher._run_here(item)
-            else:
-                batcher._queue(item, pixels, self.deadline)
+            if lone_runs is not None and lone_runs.acquire(blocking=False):
+                try:
+                    if batcher._take_lone(item, pixels, self.deadline):
+                        batcher._run_here(item)
+                        return
+                finally:
+                    lone_runs.release()
+            batcher._queue(item, pixels, self.deadline)
 
         def never_ran(job: Future) -> None:  # cancelled before it started: by us, or a pool shutdown
             if job.cancelled():
@@ -336,15 +353,19 @@ class Batcher:
         return True
 
     def _run_here(self, item: _Item) -> None:
-        """Run an item taken by `_take_lone` on this thread, as an inference thread runs a batch."""
+        """Run an item taken by `_take_lone` on this thread, as an inference thread runs a batch;
+        it is answered whatever happens (no logits: InferenceFailedError)."""
+        logits: np.ndarray | None = None
         try:
             logits = self._execute([item], alone=True)
+        except Exception:  # outside `_execute`'s own handling (admission, metrics): still answered
+            logger.exception("lone image failed for %s", self.model)
         finally:
             with self._cond:
                 self._running -= 1
                 self._alone = False
                 self._cond.notify_all()  # inference threads and `_join` wait for a batch run alone
-        self._call_loop(self._deliver, [item], logits)
+            self._call_loop(self._deliver, [item], logits)
 
     # -- event-loop side -------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from server.batcher import Batcher, BatchPolicy
-from server.errors import DeadlineExceededError, InvalidImageError, ShuttingDownError
+from server.batcher import Batcher, BatchPolicy, DecodeThreads
+from server.errors import DeadlineExceededError, InferenceFailedError, InvalidImageError, ShuttingDownError
 from server.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
@@ -63,7 +63,7 @@ async def test_the_pool_thread_queues_its_image_and_the_answer_comes_back() -> N
 async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None:
     model = Model()
     b = _batcher(model)
-    with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
+    with DecodeThreads(2, thread_name_prefix="decode") as pool:
         with b.admit(HW, 1) as adm:
             row = await adm.infer_prepared(lambda: np.full((3, *HW), 3.0, np.float32), pool)
         assert float(row[0]) == 3.0 and model.threads == ["decode_0"]  # the pool's only thread so far
@@ -81,12 +81,36 @@ async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None
     await b.drain()
 
 
-async def test_with_a_single_decode_thread_a_lone_image_goes_to_the_inference_thread() -> None:
+@pytest.mark.parametrize("pool", [lambda: DecodeThreads(1), lambda: ThreadPoolExecutor(2)])
+async def test_without_a_spare_decode_thread_a_lone_image_goes_to_the_inference_thread(pool) -> None:
     model = Model()
     b = _batcher(model)
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool, b.admit(HW, 1) as adm:
-        await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+    with pool() as decode, b.admit(HW, 1) as adm:  # one thread only, or no budget (a plain pool)
+        await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), decode)
     assert model.threads == ["vitserve-infer-m-0"]  # the next upload's decoding need not wait for it
+    await b.drain()
+
+
+async def test_models_sharing_the_pool_share_its_budget_of_lone_runs() -> None:
+    started, finish = threading.Event(), threading.Event()
+    slow, fast = Model(), Model()
+
+    def held(pixels: np.ndarray) -> np.ndarray:
+        started.set()
+        finish.wait(5)
+        return slow(pixels)
+
+    a, b = _batcher(held), _batcher(fast)  # type: ignore[arg-type]
+    with DecodeThreads(2, thread_name_prefix="decode") as pool, a.admit(HW, 1) as adm_a:
+        first = asyncio.ensure_future(adm_a.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool))
+        await asyncio.to_thread(started.wait, 5)  # model a's image runs alone on a decode thread
+        with b.admit(HW, 1) as adm_b:  # model b is idle too, but the budget of one is taken
+            await adm_b.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+        finish.set()
+        await first
+    assert slow.threads[0].startswith("decode_") and fast.threads == ["vitserve-infer-m-0"]
+    assert pool.lone_runs.acquire(blocking=False)  # given back
+    await a.drain()
     await b.drain()
 
 
@@ -113,13 +137,16 @@ async def test_an_image_with_company_goes_to_the_inference_thread() -> None:
 async def test_drain_waits_for_a_lone_image_running_on_a_decode_thread() -> None:
     started, finish = threading.Event(), threading.Event()
 
+    ran_on = []
+
     def slow_model(pixels: np.ndarray) -> np.ndarray:
+        ran_on.append(threading.current_thread().name)
         started.set()
         finish.wait(5)
         return np.zeros((len(pixels), 2), np.float32)
 
     b = _batcher(slow_model)  # type: ignore[arg-type]
-    with ThreadPoolExecutor(2) as pool, b.admit(HW, 1) as adm:
+    with DecodeThreads(2, thread_name_prefix="decode") as pool, b.admit(HW, 1) as adm:
         task = asyncio.ensure_future(adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool))
         await asyncio.to_thread(started.wait, 5)
         drain = asyncio.ensure_future(b.drain())
@@ -128,6 +155,18 @@ async def test_drain_waits_for_a_lone_image_running_on_a_decode_thread() -> None
         finish.set()
         await drain
         assert (await task).shape == (2,) and b._running == 0
+    assert ran_on == ["decode_0"]
+
+
+async def test_a_lone_image_whose_run_fails_is_answered() -> None:
+    def broken(pixels: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the graph failed")
+
+    b = _batcher(broken)  # type: ignore[arg-type]
+    with DecodeThreads(2) as pool, b.admit(HW, 1) as adm, pytest.raises(InferenceFailedError):
+        await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+    assert b._running == 0 and not b._alone
+    await b.drain()
 
 
 async def test_a_failed_decode_gives_its_reservation_back() -> None:
