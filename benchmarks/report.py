@@ -164,6 +164,26 @@ def _overhead(row: dict) -> str:
     return f"{median:.2f}{spread}, {row.get('overhead_blocks', '?')} of {row['blocks']}"
 
 
+def start_up_section(results: dict) -> list[str]:
+    rows = [
+        [r["label"], r["model"], r["variant"], f"**{r['max_batch_size']}** ({r['source']})",
+         str(r["lanes"]), ", ".join(f"{b}: {ms:.3g}" for b, ms in r["ms_per_image"].items()) or "–"]
+        for r in results.get("start_up", [])
+    ]  # fmt: skip
+    if not rows:
+        return []
+    header = ["server", "model", "variant", "max batch size", "lanes", "ms per image by batch size"]
+    return [
+        "## vitserve's start-up batch sizes",
+        "",
+        "What each vitserve server chose for its model when it started (`GET /models/{name}`): tuned"
+        " means its own sweep of ONNX Runtime at the native resolution chose the smallest batch size"
+        " within 5% of the fastest time per image (`server.tuning`); configured means a setting fixed it.",
+        "",
+        *_table(header, rows),
+    ]
+
+
 def targets_section(results: dict) -> list[str]:
     rows = [[t["target"], t["figure"], t["verdict"]] for t in evaluate(results)]
     return ["## Targets (issue 6)", "", *_table(["target", "figures", "verdict"], rows)]
@@ -175,6 +195,7 @@ def markdown(results: dict) -> str:
         peak_section(results["peak"]),
         offline_section(results),
         servers_section(results),
+        start_up_section(results),
         paired_section(results),
         targets_section(results),
     ]

@@ -34,6 +34,7 @@ class Suite:
         self.plan = plan
         self.results: dict = {
             "meta": machine.describe(plan), "peak": {}, "offline": [], "servers": [], "paired": [],
+            "start_up": [],
         }  # fmt: skip
         self.images: dict[str, list[EncodedImage]] = {}
         self.payloads: dict[str, list[Payload]] = {}
@@ -203,10 +204,13 @@ class Suite:
         try:
             with serving(servers.resolve(server, port), base + server.ready_path, log_path,
                          env=server.env, cwd=servers.REPO_ROOT) as proc:  # fmt: skip
-                checked = server.key.startswith("vitserve") and variant != "auto"
-                served = _served_variant(base, model.name) if checked else variant
-                if served != variant:
-                    raise ServerStartError(f"it serves {model.name} as {served}, not {variant}")
+                served = _served_version(base, model.name) if server.key.startswith("vitserve") else None
+                if server.key.startswith("vitserve"):
+                    if served is None:
+                        raise ServerStartError(f"it reports no version of {model.name}")
+                    self.results["start_up"].append(_start_up_row(server, model.name, served))
+                    if variant not in ("auto", served["variant"]):
+                        raise ServerStartError(f"it serves {model.name} as {served['variant']}")
                 saturated = None
                 for point in points:
                     around = basis = None
@@ -346,15 +350,23 @@ class Suite:
         ))  # fmt: skip
 
 
-def _served_variant(base: str, model: str) -> str | None:
-    """The variant vitserve reports for the latest version of `model` (`/models`)."""
+def _served_version(base: str, model: str) -> dict | None:
+    """What vitserve reports for the latest version of `model` (`/models/{name}`)."""
     import httpx
 
-    listing = httpx.get(f"{base}/models", timeout=10, trust_env=False).json()
-    for entry in listing["models"]:
-        if entry["name"] == model and entry["versions"]:
-            return entry["versions"][-1]["variant"]
-    return None
+    entry = httpx.get(f"{base}/models/{model}", timeout=10, trust_env=False).json()
+    return entry["versions"][-1] if entry.get("versions") else None
+
+
+def _start_up_row(server: servers.ServerUnderTest, model: str, version: dict) -> dict:
+    """The batch size a vitserve version chose at start-up, and the sweep behind it."""
+    batching = version["batching"]
+    return {
+        "server": server.key, "label": server.label, "model": model, "variant": version["variant"],
+        "max_batch_size": batching["max_batch_size"], "source": batching["max_batch_size_source"],
+        "lanes": batching.get("lanes", 1),
+        "ms_per_image": {str(t["batch_size"]): t["ms_per_image"] for t in batching["batch_timings"]},
+    }  # fmt: skip
 
 
 def _with_rate(spec: LoadSpec, rate: float) -> LoadSpec:

@@ -69,6 +69,10 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
         assert r["cores_used"]["server_cpu"] >= 0
     # The model servers' own processes did measurable work (CPU time comes in 10 ms ticks).
     assert all(r["cores_used"]["server_cpu"] > 0 for r in main if r["server"].startswith("vitserve"))
+    started = {(r["server"], r["variant"]): r for r in results["start_up"]}
+    assert {k for k, _ in started} == {r["server"] for r in rows if r["server"].startswith("vitserve")}
+    for r in started.values():  # the quick run leaves every batch size to the start-up sweep
+        assert r["source"] == "tuned" and str(r["max_batch_size"]) in r["ms_per_image"], r
     vit_c1 = next(r for r in main if r["server"] == "vitserve" and r["point"] == "c=1")
     batches = vit_c1["split"]["batch_size"]
     # Every image the client got an answer for ran in exactly one executed batch.
@@ -99,6 +103,7 @@ def test_quick_run_writes_the_tables(quick_run):
         "## The machine's matrix-multiply rate",
         "## The limit",
         "## Servers",
+        "## vitserve's start-up batch sizes",
         "## Concurrency 1 against the in-process floor, paired",
         "## Targets",
     ):
