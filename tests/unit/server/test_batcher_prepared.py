@@ -158,6 +158,62 @@ async def test_drain_waits_for_a_lone_image_running_on_a_decode_thread() -> None
     assert ran_on == ["decode_0"]
 
 
+async def test_inference_threads_wait_for_a_lone_image_running_on_a_decode_thread() -> None:
+    started, finish, events = threading.Event(), threading.Event(), []
+
+    def model(pixels: np.ndarray) -> np.ndarray:
+        name = threading.current_thread().name
+        events.append(("start", name))
+        if name.startswith("decode_"):
+            started.set()
+            finish.wait(5)
+        events.append(("end", name))
+        return np.zeros((len(pixels), 2), np.float32)
+
+    policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0, queue_capacity=8, timeout_s=5.0)
+    b = Batcher("m", model, policy, Metrics(4), asyncio.get_running_loop(), lanes=2, run_lane=model)
+    b.start()
+    zeros = lambda: np.zeros((3, *HW), np.float32)  # noqa: E731
+    with DecodeThreads(2, thread_name_prefix="decode") as pool, b.admit(HW, 1) as first:
+        lone = asyncio.ensure_future(first.infer_prepared(zeros, pool))
+        await asyncio.to_thread(started.wait, 5)  # it runs alone, on every core
+        with b.admit(HW, 1) as second:  # the budget is taken: this one is queued for the lanes
+            queued = asyncio.ensure_future(second.infer_prepared(zeros, pool))
+            await asyncio.sleep(0.1)
+            assert events == [("start", "decode_0")]  # two idle lanes, and neither took it
+            finish.set()
+            await asyncio.gather(lone, queued)
+    assert events[1] == ("end", "decode_0") and events[2][1].startswith("vitserve-infer-m-")
+    await b.drain()
+
+
+async def test_a_drain_timeout_fails_the_queue_and_still_waits_for_a_lone_run() -> None:
+    started, finish = threading.Event(), threading.Event()
+
+    def model(pixels: np.ndarray) -> np.ndarray:
+        if threading.current_thread().name.startswith("decode_"):
+            started.set()
+            finish.wait(5)
+        return np.zeros((len(pixels), 2), np.float32)
+
+    b = _batcher(model)  # type: ignore[arg-type]
+    zeros = lambda: np.zeros((3, *HW), np.float32)  # noqa: E731
+    with DecodeThreads(2, thread_name_prefix="decode") as pool, b.admit(HW, 1) as first:
+        lone = asyncio.ensure_future(first.infer_prepared(zeros, pool))
+        await asyncio.to_thread(started.wait, 5)
+        with b.admit(HW, 1) as second:
+            queued = asyncio.ensure_future(second.infer_prepared(zeros, pool))
+            await asyncio.sleep(0.05)  # decoded and queued behind the lone run
+            drain = asyncio.ensure_future(b.drain(timeout_s=0.1))
+            with pytest.raises(ShuttingDownError):  # at the timeout, what is queued is failed
+                await asyncio.wait_for(queued, 2.0)
+            await asyncio.sleep(0.1)
+            assert not drain.done()  # but the session must outlive the run on the decode thread
+            finish.set()
+            await asyncio.wait_for(drain, 2.0)
+        assert (await lone).shape == (2,) and b._running == 0
+
+
 async def test_a_lone_image_whose_run_fails_is_answered() -> None:
     def broken(pixels: np.ndarray) -> np.ndarray:
         raise RuntimeError("the graph failed")
@@ -184,7 +240,14 @@ async def test_a_failed_decode_gives_its_reservation_back() -> None:
     await b.drain()
 
 
-async def test_cancelled_while_decoding_the_image_is_dropped_not_run() -> None:
+# With DecodeThreads the decoded image meets the lone-run check (`Batcher._take_lone`) first.
+EITHER_POOL = pytest.mark.parametrize(
+    "make_pool", [lambda: ThreadPoolExecutor(1), lambda: DecodeThreads(2)], ids=["plain", "decode-threads"]
+)
+
+
+@EITHER_POOL
+async def test_cancelled_while_decoding_the_image_is_dropped_not_run(make_pool) -> None:
     model, started, finish = Model(), threading.Event(), threading.Event()
     b = _batcher(model)
 
@@ -193,7 +256,7 @@ async def test_cancelled_while_decoding_the_image_is_dropped_not_run() -> None:
         finish.wait(5)
         return np.zeros((3, *HW), np.float32)
 
-    with ThreadPoolExecutor(1) as pool:
+    with make_pool() as pool:
         with b.admit(HW, 1) as adm:
             task = asyncio.ensure_future(adm.infer_prepared(slow, pool))
             await asyncio.to_thread(started.wait, 5)
@@ -221,7 +284,8 @@ async def test_cancelled_before_its_decode_started_the_reservation_is_returned()
     await b.drain()
 
 
-async def test_an_image_decoded_past_its_deadline_is_answered_504_and_not_run() -> None:
+@EITHER_POOL
+async def test_an_image_decoded_past_its_deadline_is_answered_504_and_not_run(make_pool) -> None:
     model = Model()
     b = _batcher(model, timeout_s=0.05)
 
@@ -229,9 +293,12 @@ async def test_an_image_decoded_past_its_deadline_is_answered_504_and_not_run() 
         threading.Event().wait(0.1)
         return np.zeros((3, *HW), np.float32)
 
-    with ThreadPoolExecutor(1) as pool, b.admit(HW, 1) as adm, pytest.raises(DeadlineExceededError):
+    with make_pool() as pool, b.admit(HW, 1) as adm, pytest.raises(DeadlineExceededError):
         await adm.infer_prepared(slow, pool)
-    assert model.images == 0 and _idle(b)
+    # leaving the pool waited for the decode: then neither the decode thread nor the batcher ran it
+    assert model.images == 0 and _idle(b) and not b._running
+    if isinstance(pool, DecodeThreads):
+        assert pool.lone_runs.acquire(blocking=False)  # the budget was given back
     await b.drain()
 
 
