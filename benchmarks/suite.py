@@ -204,13 +204,15 @@ class Suite:
         try:
             with serving(servers.resolve(server, port), base + server.ready_path, log_path,
                          env=server.env, cwd=servers.REPO_ROOT) as proc:  # fmt: skip
-                served = _served_version(base, model.name) if server.key.startswith("vitserve") else None
-                if server.key.startswith("vitserve"):
+                if server.key.startswith("vitserve"):  # what it serves, and the batch size it chose
+                    served = _served_version(base, model.name)
                     if served is None:
                         raise ServerStartError(f"it reports no version of {model.name}")
                     self.results["start_up"].append(_start_up_row(server, model.name, served))
                     if variant not in ("auto", served["variant"]):
-                        raise ServerStartError(f"it serves {model.name} as {served['variant']}")
+                        raise ServerStartError(
+                            f"it serves {model.name} as {served['variant']}, not {variant}"
+                        )
                 saturated = None
                 for point in points:
                     around = basis = None

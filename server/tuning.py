@@ -17,7 +17,7 @@ Then every size it measured is timed again, `REPASSES` times, in turns (largest 
 first), within `REPASS_BUDGET_S`; each size keeps its fastest call of all. A shared host slows down
 for seconds at a time: in one pass that slowdown falls on a few neighbouring sizes and decides the
 choice (the OpenVINO build's sweep chose batch 2 in one benchmark run and 16 in the one before);
-taken in turns, every size gets the same chances at a quiet moment.
+taken in turns, each size is timed at moments spread over the whole measurement.
 """
 
 from __future__ import annotations
