@@ -243,6 +243,7 @@ class Batcher:
         self._depth = 0
         self._reserved = 0
         self._closing = False
+        self._abandoned = False  # a drain timed out: what is still decoding is refused, not queued
         self._busy = False  # work in flight, or just finished with more queued
         self._running = 0  # batches running now
         self._alone = False  # the running batch has every core: no lane may start
@@ -319,13 +320,16 @@ class Batcher:
 
     def _queue(self, item: _Item, pixels: np.ndarray, deadline: float) -> None:
         """Turn one reservation into a queued item (dropped if its caller went away or its deadline
-        passed meanwhile: the deadline timer answers it)."""
+        passed meanwhile: the deadline timer answers it; refused once a drain has timed out)."""
         item.enqueued = time.monotonic()
+        refused = False
         with self._cond:
             self._reserved -= 1
             self._expected[item.hw] -= 1
             if item.state is _State.DECODING:
-                if deadline <= item.enqueued:
+                if self._abandoned:  # no inference thread is left to run it
+                    item.state, refused = _State.CANCELLED, True
+                elif deadline <= item.enqueued:
                     item.state = _State.EXPIRED
                 else:
                     item.state, item.pixels = _State.QUEUED, pixels
@@ -333,7 +337,9 @@ class Batcher:
                     self._live[item.hw] = self._live.get(item.hw, 0) + 1
                     self._depth += 1
             self._cond.notify()
-        if item.state is _State.QUEUED:
+        if refused:
+            self._call_loop(self._fail, item, ShuttingDownError())
+        elif item.state is _State.QUEUED:
             self._metrics.queue_depth.labels(self.model).inc()
 
     def _take_lone(self, item: _Item, pixels: np.ndarray, deadline: float) -> bool:
@@ -467,7 +473,7 @@ class Batcher:
         with self._cond:
             while True:
                 if self._depth == 0:
-                    if self._closing and self._reserved <= 0:
+                    if self._closing and (self._reserved <= 0 or self._abandoned):
                         self._cond.notify_all()  # the other lanes stop too
                         return None
                     if self._running == 0:
@@ -550,14 +556,15 @@ class Batcher:
         return logits
 
     def _abandon(self) -> None:
+        """Fail what is queued (the drain timed out); images still decoding are refused when done."""
         with self._cond:
+            self._abandoned = True
             left = [it for q in self._queues.values() for it in q if it.state is _State.QUEUED]
             for item in left:
                 item.state = _State.CANCELLED
             self._queues.clear()
             self._live.clear()
             self._depth = 0
-            self._reserved = 0
             self._cond.notify_all()
         self._metrics.queue_depth.labels(self.model).dec(len(left))
         self._fail_queued(left)

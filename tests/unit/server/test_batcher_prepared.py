@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,6 +39,14 @@ def _batcher(model: Model, **policy: float) -> Batcher:
 
 def _idle(b: Batcher) -> bool:
     return b._reserved == 0 and b.depth == 0 and not any(b._expected.values())
+
+
+async def _until(check, timeout_s: float = 5.0) -> None:
+    """Poll `check()` until it holds (a loaded machine may take its time), else fail."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
 
 
 async def test_the_pool_thread_queues_its_image_and_the_answer_comes_back() -> None:
@@ -179,7 +188,8 @@ async def test_inference_threads_wait_for_a_lone_image_running_on_a_decode_threa
         await asyncio.to_thread(started.wait, 5)  # it runs alone, on every core
         with b.admit(HW, 1) as second:  # the budget is taken: this one is queued for the lanes
             queued = asyncio.ensure_future(second.infer_prepared(zeros, pool))
-            await asyncio.sleep(0.1)
+            await _until(lambda: b.depth == 1)  # decoded and queued
+            await asyncio.sleep(0.05)
             assert events == [("start", "decode_0")]  # two idle lanes, and neither took it
             finish.set()
             await asyncio.gather(lone, queued)
@@ -203,7 +213,7 @@ async def test_a_drain_timeout_fails_the_queue_and_still_waits_for_a_lone_run() 
         await asyncio.to_thread(started.wait, 5)
         with b.admit(HW, 1) as second:
             queued = asyncio.ensure_future(second.infer_prepared(zeros, pool))
-            await asyncio.sleep(0.05)  # decoded and queued behind the lone run
+            await _until(lambda: b.depth == 1)  # decoded and queued behind the lone run
             drain = asyncio.ensure_future(b.drain(timeout_s=0.1))
             with pytest.raises(ShuttingDownError):  # at the timeout, what is queued is failed
                 await asyncio.wait_for(queued, 2.0)
@@ -212,6 +222,44 @@ async def test_a_drain_timeout_fails_the_queue_and_still_waits_for_a_lone_run() 
             finish.set()
             await asyncio.wait_for(drain, 2.0)
         assert (await lone).shape == (2,) and b._running == 0
+
+
+async def test_an_image_still_decoding_when_a_drain_times_out_is_refused_when_decoded() -> None:
+    started, finish, decoding, decoded = (
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
+    model = Model()
+
+    def held(pixels: np.ndarray) -> np.ndarray:
+        started.set()
+        finish.wait(5)
+        return model(pixels)
+
+    def slow_decode() -> np.ndarray:
+        decoding.set()
+        decoded.wait(5)
+        return np.zeros((3, *HW), np.float32)
+
+    b = _batcher(held, timeout_s=30.0)  # type: ignore[arg-type]
+    zeros = lambda: np.zeros((3, *HW), np.float32)  # noqa: E731
+    with DecodeThreads(2, thread_name_prefix="decode") as pool, b.admit(HW, 1) as first:
+        lone = asyncio.ensure_future(first.infer_prepared(zeros, pool))
+        await asyncio.to_thread(started.wait, 5)  # a lone run holds one decode thread
+        with b.admit(HW, 1) as second:
+            late = asyncio.ensure_future(second.infer_prepared(slow_decode, pool))
+            await asyncio.to_thread(decoding.wait, 5)
+            drain = asyncio.ensure_future(b.drain(timeout_s=0.05))
+            await asyncio.sleep(0.2)  # the drain has timed out; the image is still decoding
+            decoded.set()
+            with pytest.raises(ShuttingDownError):  # refused once decoded, not left for its deadline
+                await asyncio.wait_for(late, 2.0)
+            finish.set()
+            await asyncio.wait_for(drain, 2.0)
+        await lone
+    assert model.images == 1 and _idle(b) and b._running == 0
 
 
 async def test_a_lone_image_whose_run_fails_is_answered() -> None:
@@ -294,7 +342,12 @@ async def test_an_image_decoded_past_its_deadline_is_answered_504_and_not_run(ma
         return np.zeros((3, *HW), np.float32)
 
     with make_pool() as pool, b.admit(HW, 1) as adm, pytest.raises(DeadlineExceededError):
-        await adm.infer_prepared(slow, pool)
+        task = asyncio.ensure_future(adm.infer_prepared(slow, pool))
+        await asyncio.sleep(0)  # submitted
+        # The loop is held past the decode, so the deadline timer has not fired when the decode
+        # thread checks the deadline itself (`_take_lone`, then `_queue`).
+        time.sleep(0.2)
+        await task
     # leaving the pool waited for the decode: then neither the decode thread nor the batcher ran it
     assert model.images == 0 and _idle(b) and not b._running
     if isinstance(pool, DecodeThreads):
