@@ -11,7 +11,9 @@ time per image is the call's time over all their images: the rate a busy server 
 The sweep is bounded: sizes double up to the configured limit, it stops after `PATIENCE` sizes in a
 row that do not improve on the best per-image time by more than `TOLERANCE` (time has started to grow
 linearly; two, so one noisy measurement does not end it), and it does not start a size whose
-predicted cost would overrun `BUDGET_S`.
+predicted cost would overrun `BUDGET_S`. A size that does not improve on the best is compared again
+with the best size timed once more right after it (one call's time over the budget at most), so a
+host that slowed down meanwhile does not end the sweep early.
 
 Then every size it measured is timed again, `REPASSES` times, in turns (largest first, then smallest
 first), within `REPASS_BUDGET_S`; each size keeps its fastest call of all. A shared host slows down
@@ -110,8 +112,11 @@ def measure(
     """
     calls: dict[int, list[float]] = {}
 
+    def per_image(b: int) -> float:
+        return min(calls[b]) / (b * lanes)
+
     def best() -> float:
-        return min(min(times) / (b * lanes) for b, times in calls.items())
+        return min(per_image(b) for b in calls)
 
     def time_calls(b: int, at_least: int) -> list[float]:
         timed: list[float] = []
@@ -127,9 +132,13 @@ def measure(
             call = b * lanes * best()
             if clock() - started + max(TIMED_CALLS * call, MIN_TIMED_S) > budget_s:
                 break
-        before = best() if calls else None
+        leader = min(calls, key=per_image) if calls else None
         calls[b] = time_calls(b, TIMED_CALLS)
-        improves = before is None or min(calls[b]) / (b * lanes) < before * (1 - tolerance)
+        improves = leader is None or per_image(b) < per_image(leader) * (1 - tolerance)
+        if leader is not None and not improves:  # or the host slowed down: time the leader again now
+            fresh = time_calls(leader, 1)
+            calls[leader] += fresh
+            improves = per_image(b) < min(fresh) / (leader * lanes) * (1 - tolerance)
         stale = 0 if improves else stale + 1
         if stale >= PATIENCE:
             break
