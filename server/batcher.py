@@ -258,6 +258,9 @@ class Batcher:
         return self._depth
 
     def start(self) -> None:
+        # The queue-depth series exists (at 0) from the start: a server answering one image at a
+        # time runs each on its decode thread and would otherwise never queue, nor publish it.
+        self._metrics.queue_depth.labels(self.model)
         for thread in self._threads:
             thread.start()
 
