@@ -61,7 +61,7 @@ def runners(work: Path, opts: Options) -> tuple[dict[str, Runner], tuple[int, in
             return model(torch.from_numpy(x)).numpy()
 
     hw = (opts.resolution, opts.resolution) if opts.resolution else config.image_size
-    return {"onnxruntime": session.run, "pytorch eager": eager}, hw
+    return {"onnxruntime": lambda x: session.run(x).logits, "pytorch eager": eager}, hw
 
 
 def measure(run: dict[str, Runner], hw: tuple[int, int], opts: Options) -> dict:

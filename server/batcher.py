@@ -48,12 +48,14 @@ from server.admission import AdmissionControl
 from server.errors import DeadlineExceededError, InferenceFailedError, QueueFullError, ShuttingDownError
 from server.metrics import Metrics
 from server.niceness import lower_thread_priority
+from server.postprocess import Outputs
 
 logger = logging.getLogger(__name__)
 
-RunBatch = Callable[[np.ndarray], np.ndarray]
-"""(N, 3, H, W) float32 -> (N, K) float32 logits; called from the batcher's inference threads, or
-from a decode thread running a lone image (one call at a time on every core either way)."""
+RunBatch = Callable[[np.ndarray], Outputs]
+"""(N, 3, H, W) float32 -> the N images' outputs (`len` N, `[i]` image i's); called from the batcher's
+inference threads, or from a decode thread running a lone image (one call at a time on every core
+either way)."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ class Admission:
         self._batcher = batcher
         self._left = count
 
-    async def infer(self, pixels: np.ndarray) -> np.ndarray:
-        """Queue one preprocessed image (3, H, W) float32 and wait for its logits (K,).
+    async def infer(self, pixels: np.ndarray) -> Outputs:
+        """Queue one preprocessed image (3, H, W) float32 and wait for its outputs (a batch of one).
 
         Raises:
             DeadlineExceededError: The request's deadline passed before the image could run.
@@ -128,7 +130,7 @@ class Admission:
         self._batcher._queue(item, pixels, self.deadline)
         return await self._wait(item)
 
-    async def infer_prepared(self, prepare: Callable[[], np.ndarray], pool: Executor) -> np.ndarray:
+    async def infer_prepared(self, prepare: Callable[[], np.ndarray], pool: Executor) -> Outputs:
         """Run `prepare` (bytes -> pixels) in `pool` and queue its result from there, then wait.
 
         The pool thread queues the image itself (or runs it, when it is alone: see the module
@@ -186,7 +188,7 @@ class Admission:
         if pixels.shape != (3, *self.hw):
             raise ValueError(f"expected pixels of shape (3, {self.hw[0]}, {self.hw[1]}), got {pixels.shape}")
 
-    async def _wait(self, item: _Item) -> np.ndarray:
+    async def _wait(self, item: _Item) -> Outputs:
         self._batcher._arm(item, self.deadline)
         try:
             return await item.future
@@ -363,10 +365,10 @@ class Batcher:
 
     def _run_here(self, item: _Item) -> None:
         """Run an item taken by `_take_lone` on this thread, as an inference thread runs a batch;
-        it is answered whatever happens (no logits: InferenceFailedError)."""
-        logits: np.ndarray | None = None
+        it is answered whatever happens (no outputs: InferenceFailedError)."""
+        outputs: Outputs | None = None
         try:
-            logits = self._execute([item], alone=True)
+            outputs = self._execute([item], alone=True)
         except Exception:  # outside `_execute`'s own handling (admission, metrics): still answered
             logger.exception("lone image failed for %s", self.model)
         finally:
@@ -374,7 +376,7 @@ class Batcher:
                 self._running -= 1
                 self._alone = False
                 self._cond.notify_all()  # inference threads and `_join` wait for a batch run alone
-            self._call_loop(self._deliver, [item], logits)
+            self._call_loop(self._deliver, [item], outputs)
 
     # -- event-loop side -------------------------------------------------------------------
 
@@ -436,15 +438,15 @@ class Batcher:
             self._expected[hw] -= count
             self._cond.notify()
 
-    def _deliver(self, items: list[_Item], logits: np.ndarray | None) -> None:
+    def _deliver(self, items: list[_Item], outputs: Outputs | None) -> None:
         for i, item in enumerate(items):
             self._disarm(item)
             if item.future.done():
                 continue
-            if logits is None:
+            if outputs is None:
                 item.future.set_exception(InferenceFailedError())
             else:
-                item.future.set_result(logits[i])
+                item.future.set_result(outputs[i])
 
     def _fail_queued(self, items: list[_Item]) -> None:
         for item in items:
@@ -462,14 +464,14 @@ class Batcher:
                 return
             batch, alone = taken
             try:
-                logits = self._execute(batch, alone)
+                outputs = self._execute(batch, alone)
             finally:
                 with self._cond:
                     self._running -= 1
                     self._alone = False
                     self._cond.notify_all()  # lanes wait for a batch that ran alone
             # Delivered after the bookkeeping: a client answered at once sees this batch finished.
-            self._call_loop(self._deliver, batch, logits)
+            self._call_loop(self._deliver, batch, outputs)
 
     def _next_batch(self) -> tuple[list[_Item], bool] | None:
         """The next batch, and whether it runs alone on every core (else on a lane)."""
@@ -532,8 +534,8 @@ class Batcher:
         self._metrics.queue_depth.labels(self.model).dec(len(batch))
         return batch
 
-    def _execute(self, batch: list[_Item], alone: bool) -> np.ndarray | None:
-        """Run one batch; its logits, or None when it failed (logged here)."""
+    def _execute(self, batch: list[_Item], alone: bool) -> Outputs | None:
+        """Run one batch; its outputs, or None when it failed (logged here)."""
         # (N, 3, H, W); a lone image is a view, not a copy
         pixels = batch[0].pixels[None] if len(batch) == 1 else np.stack([item.pixels for item in batch])
         for item in batch:
@@ -541,22 +543,22 @@ class Batcher:
         parallel = 1 if alone else self.lanes
         running = self.admission.started(batch[0].hw, len(batch), parallel) if self.admission else None
         start = time.perf_counter()
-        logits: np.ndarray | None
+        outputs: Outputs | None
         try:
-            logits = self._run(pixels) if alone or self._run_lane is None else self._run_lane(pixels)
-            if logits.shape[0] != len(batch):
-                raise RuntimeError(f"graph returned {logits.shape[0]} rows for a batch of {len(batch)}")
+            outputs = self._run(pixels) if alone or self._run_lane is None else self._run_lane(pixels)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"graph returned {len(outputs)} rows for a batch of {len(batch)}")
         except Exception:
             logger.exception(
                 "inference failed for %s: batch of %d at %dx%d", self.model, len(batch), *pixels.shape[2:]
             )
-            logits = None
+            outputs = None
         elapsed = time.perf_counter() - start
         if self.admission is not None and running is not None:
-            self.admission.finished(running, None if logits is None else elapsed)
+            self.admission.finished(running, None if outputs is None else elapsed)
         self._metrics.inference.labels(self.model).observe(elapsed)
         self._metrics.batch_size.labels(self.model).observe(len(batch))
-        return logits
+        return outputs
 
     def _abandon(self) -> None:
         """Fail what is queued (the drain timed out); images still decoding are refused when done."""

@@ -116,13 +116,32 @@ class OnnxIO(_Strict):
     `pos_rows` [grid_h, native_grid_h] and `pos_cols` [grid_w, native_grid_w] (float32), built by
     `server.pos_resample.resample_matrix` for the requested grid. Both default to the identity at the
     native resolution, so a plain ONNX Runtime user may feed `input` alone at the native size.
+
+    Graphs exported by `training` also rank the classes (`training.onnx_graph.add_ranking`): their
+    config names the two ranking outputs. Graphs without them (None) are ranked by the server.
     """
 
     input: str = "pixel_values"
     pos_rows: str = "pos_embed_rows"
     pos_cols: str = "pos_embed_cols"
     output: str = "logits"
+    ranked_probabilities: str | None = Field(
+        None, description="Output: per image, the softmax probabilities in descending order (if any)."
+    )
+    ranked_classes: str | None = Field(
+        None, description="Output: the class index of each of `ranked_probabilities` (int64)."
+    )
     opset: int = 17
+
+    @model_validator(mode="after")
+    def _ranking_whole(self) -> OnnxIO:
+        if (self.ranked_probabilities is None) != (self.ranked_classes is None):
+            raise ValueError("ranked_probabilities and ranked_classes: set both or neither")
+        return self
+
+    @property
+    def ranked(self) -> bool:
+        return self.ranked_probabilities is not None
 
 
 class ModelConfig(_Strict):

@@ -11,13 +11,17 @@ from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from server.batcher import Admission, Batcher, BatchPolicy
 from server.errors import InvalidResolutionError, ModelNotReadyError
 from server.model_config import ModelConfig
+from server.postprocess import Outputs
 from server.runtime import Session
+
+T = TypeVar("T")
 
 
 class ModelState(str, Enum):
@@ -74,10 +78,10 @@ class ModelVersion:
         pixels = np.ascontiguousarray(pixels, dtype=np.float32)
         with self.admit(hw, pixels.shape[0]) as admission:
             rows = await gather_cancelling(admission.infer(p) for p in pixels)
-        return np.stack(rows) if rows else np.zeros((0, self.config.num_classes), np.float32)
+        return Outputs.concat(rows).logits if rows else np.zeros((0, self.config.num_classes), np.float32)
 
 
-async def gather_cancelling(aws: Iterable[Awaitable[np.ndarray]]) -> list[np.ndarray]:
+async def gather_cancelling(aws: Iterable[Awaitable[T]]) -> list[T]:
     """Await all, in order; on the first failure cancel the rest (they would be wasted work)."""
     tasks = [asyncio.ensure_future(a) for a in aws]
     if not tasks:

@@ -12,7 +12,7 @@ Internal API used by the routes (classify, models, KServe V2)::
     hw = mv.check_resolution((h, w))       # InvalidResolutionError naming the rule
     logits = await mv.infer(pixels)        # (N, 3, H, W) float32 -> (N, K) float32, batched
     with mv.admit(hw, n) as admission:     # or per image, overlapping decoding with inference:
-        logits_i = await admission.infer(pixels_i)   # (3, H, W) -> (K,)
+        out_i = await admission.infer(pixels_i)   # (3, H, W) -> image i's Outputs (postprocess)
 
 Names are checked against a strict pattern and every path is resolved and must stay inside the
 repository (symlinks included), so a request never makes the server touch other files.

@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions: providers, graph variants, warm-up, and ``run(NCHW) -> logits``.
+"""ONNX Runtime sessions: providers, graph variants, warm-up, and ``run(NCHW) -> Outputs``.
 
 One dynamic graph per model version serves every resolution: besides the pixels it takes the two
 position-embedding resampling matrices for the requested token grid (`server.pos_resample`), built
@@ -37,6 +37,7 @@ import onnxruntime as ort
 from server.errors import ModelLoadError, StartupError
 from server.model_config import VARIANT_FILES, ModelConfig, graph_file
 from server.pos_resample import resample_matrix
+from server.postprocess import Outputs
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +152,9 @@ class Session:
         self._matrices: dict[tuple[int, int], tuple[Any, Any]] = {}
         self._lock = threading.Lock()
 
-    def run(self, pixels: np.ndarray, lane: bool = False) -> np.ndarray:
-        """Logits (N, K) float32 for pixels (N, 3, H, W) float32 at any allowed resolution.
+    def run(self, pixels: np.ndarray, lane: bool = False) -> Outputs:
+        """Logits (N, K) float32, and the graph's ranking if it has one, for pixels (N, 3, H, W) float32
+        at any allowed resolution.
 
         Args:
             pixels: The batch.
@@ -166,20 +168,23 @@ class Session:
             names = self._names
             feeds = {names.input: pixels, names.pos_rows: rows, names.pos_cols: cols}
             session = self._lanes if lane and self._lanes is not None else self._session
-            out = session.run([names.output], feeds)[0]
-        return np.asarray(out, dtype=np.float32)
+            out = session.run(names.outputs, feeds)
+        if len(out) == 1:
+            return Outputs(np.asarray(out[0], dtype=np.float32))
+        return Outputs(np.asarray(out[0], dtype=np.float32), np.asarray(out[1], dtype=np.float32), out[2])
 
-    def _run_bound(self, pixels: np.ndarray, rows: Any, cols: Any) -> np.ndarray:
+    def _run_bound(self, pixels: np.ndarray, rows: Any, cols: Any) -> list[np.ndarray]:
         # I/O binding: the batch is copied to the device once, the cached resampling matrices
-        # already live there, and the logits come straight back to host memory.
+        # already live there, and the outputs come straight back to host memory.
         names = self._names
         binding = self._session.io_binding()
         binding.bind_cpu_input(names.input, np.ascontiguousarray(pixels))
         binding.bind_ortvalue_input(names.pos_rows, rows)
         binding.bind_ortvalue_input(names.pos_cols, cols)
-        binding.bind_output(names.output, "cpu")
+        for name in names.outputs:
+            binding.bind_output(name, "cpu")
         self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     def _pos_inputs(self, hw: tuple[int, int]) -> tuple[Any, Any]:
         grid = self.config.grid_for(hw)
@@ -214,7 +219,7 @@ class _Names:
     input: str
     pos_rows: str
     pos_cols: str
-    output: str
+    outputs: list[str]  # the logits, then the ranking's probabilities and classes where there is one
 
 
 def _check_io(session: ort.InferenceSession, config: ModelConfig) -> _Names:
@@ -222,13 +227,16 @@ def _check_io(session: ort.InferenceSession, config: ModelConfig) -> _Names:
     # Inputs with a default (the identity matrices at the native grid) are overridable initializers.
     inputs = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
     outputs = {o.name for o in session.get_outputs()}
+    wanted = [io.output]
+    if io.ranked_probabilities is not None and io.ranked_classes is not None:
+        wanted += [io.ranked_probabilities, io.ranked_classes]
     missing = [n for n in (io.input, io.pos_rows, io.pos_cols) if n not in inputs]
-    if missing or io.output not in outputs:
+    if missing or not outputs.issuperset(wanted):
         raise ModelLoadError(
             f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not match config.json onnx names "
-            f"({io.input}, {io.pos_rows}, {io.pos_cols} -> {io.output})"
+            f"({io.input}, {io.pos_rows}, {io.pos_cols} -> {', '.join(wanted)})"
         )
-    return _Names(io.input, io.pos_rows, io.pos_cols, io.output)
+    return _Names(io.input, io.pos_rows, io.pos_cols, wanted)
 
 
 def _input_dtype(session: ort.InferenceSession, name: str) -> type[np.floating]:

@@ -132,6 +132,7 @@ def build_model_config(
             resolutions=resolutions or default_resolutions(cfg.image_size, cfg.token_stride),
             preprocess=preprocess,
             batching=batching or Batching(),
+            onnx=onnx_graph.RANKED,
             source=source,
         )
     except ValidationError as exc:
@@ -191,6 +192,7 @@ def _write_graphs(
         onnx_graph.write_int8(base, out / VARIANT_FILES["int8"], io)
         graphs["int8"] = onnx.load(str(out / VARIANT_FILES["int8"]))
     for variant, graph in graphs.items():
+        onnx_graph.add_ranking(graph, io, config.num_classes)
         onnx_graph.add_identity_defaults(graph, grid, io)
         onnx.save(graph, str(out / VARIANT_FILES[variant]))
     return list(graphs)

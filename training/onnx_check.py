@@ -2,7 +2,8 @@
 
 Parity: the fp32 graph in ONNX Runtime (CPU) against the PyTorch model at the native size and two
 others (one non-square), batch 1 and 3, with the resampling matrices fed and, at the native size, with
-pixels only (the identity defaults). Any max abs logit difference above PARITY_TOL fails the export.
+pixels only (the identity defaults). Any max abs logit difference above PARITY_TOL fails the export,
+and so does a ranking (`onnx_graph.add_ranking`) that is not the sorted softmax of the same run's logits.
 
 Agreement: the fp16 / int8 variants against the fp32 graph on AGREEMENT_SAMPLES seeded random images.
 """
@@ -19,12 +20,14 @@ import torch
 
 from server.model_config import ModelConfig
 from server.pos_resample import resample_matrix
+from server.postprocess import softmax
 from training.errors import UserError
 from training.model import VisionTransformer
 
 log = logging.getLogger(__name__)
 
 PARITY_TOL = 1e-4  # max abs logit difference, fp32 ONNX Runtime vs PyTorch
+RANKING_TOL = 1e-6  # max abs probability difference, the graph's ranking vs the softmax of its logits
 AGREEMENT_SAMPLES = 64  # seeded random images for the fp16/int8 top-1 agreement
 LOW_AGREEMENT = 0.9  # below this a variant is published with a warning
 
@@ -100,7 +103,9 @@ def check_parity(model: VisionTransformer, config: ModelConfig, path: Path) -> l
 
 
 def _compare(session, feeds, ref: np.ndarray, size, batch: int, feed: str) -> ParityCheck:
-    (out,) = session.run(None, feeds)
+    out, *ranking = session.run(None, feeds)  # the logits, then the ranking outputs if any
+    if ranking:
+        _check_ranking(out, *ranking, f"{size[0]}x{size[1]} batch {batch} ({feed})")
     check = ParityCheck(size, batch, feed, float(np.abs(out - ref).max()))
     log.info("parity %dx%d batch %d (%s): max abs logit diff %.2e", *size, batch, feed, check.max_abs_diff)
     if not check.max_abs_diff <= PARITY_TOL:  # written so that NaN fails too
@@ -109,6 +114,19 @@ def _compare(session, feeds, ref: np.ndarray, size, batch: int, feed: str) -> Pa
             f"max abs logit diff {check.max_abs_diff:.2e} > {PARITY_TOL:.0e}; nothing was written"
         )
     return check
+
+
+def _check_ranking(logits: np.ndarray, probabilities: np.ndarray, classes: np.ndarray, where: str) -> None:
+    """The graph's ranking must be the softmax of its own logits, sorted, with the classes it names."""
+    probs = softmax(logits)
+    count = probabilities.shape[-1]
+    sorted_diff = float(np.abs(probabilities - np.sort(probs, axis=-1)[:, ::-1][:, :count]).max())
+    named_diff = float(np.abs(probabilities - np.take_along_axis(probs, classes, axis=-1)).max())
+    if not max(sorted_diff, named_diff) <= RANKING_TOL:
+        raise ParityError(
+            f"the graph's ranking is not the softmax of its logits at {where}: max diff "
+            f"{max(sorted_diff, named_diff):.2e} > {RANKING_TOL:.0e}; nothing was written"
+        )
 
 
 def agreement_inputs(config: ModelConfig, n: int = AGREEMENT_SAMPLES) -> np.ndarray:
@@ -122,7 +140,7 @@ def agreement_inputs(config: ModelConfig, n: int = AGREEMENT_SAMPLES) -> np.ndar
 
 def _run_batched(session: ort.InferenceSession, pixels: np.ndarray, key: str) -> np.ndarray:
     return np.concatenate(
-        [session.run(None, {key: pixels[i : i + 16]})[0] for i in range(0, len(pixels), 16)]
+        [session.run(None, {key: pixels[i : i + 16]})[0] for i in range(0, len(pixels), 16)]  # the logits
     )
 
 

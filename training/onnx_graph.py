@@ -1,6 +1,7 @@
-"""Edits to an exported ViT graph: native-grid defaults, the float16 variant, the int8 variant.
+"""Edits to an exported ViT graph: the ranking outputs, native-grid defaults, the float16 variant,
+the int8 variant.
 
-All three leave the position-embedding path (the nodes fed by the two resampling matrices and not by
+The last three leave the position-embedding path (the nodes fed by the two resampling matrices and not by
 the pixels) in float32: it is tiny, and keeping it exact keeps every variant's resolutions honest.
 """
 
@@ -14,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from server.model_config import OnnxIO
+from server.postprocess import MAX_TOP_K
 
 # Kept in float32 in the fp16 variant: decomposed or half-precision LayerNorm/Softmax lose accuracy in ViTs.
 FP32_OPS = ("LayerNormalization", "Softmax")
+RANKED = OnnxIO(ranked_probabilities="ranked_probabilities", ranked_classes="ranked_classes")
+"""The graph's names with the ranking outputs `add_ranking` adds."""
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -45,6 +49,36 @@ def pos_path_nodes(model: onnx.ModelProto, io: OnnxIO) -> set[str]:
     """Nodes computing the resampled position embeddings: fed by the matrices, not by the pixels."""
     graph = model.graph
     return _downstream(graph, {io.pos_rows, io.pos_cols}) - _downstream(graph, {io.input})
+
+
+def add_ranking(model: onnx.ModelProto, io: OnnxIO, num_classes: int) -> None:
+    """Rank the classes inside the graph: TopK of the logits picks the first min(num_classes,
+    MAX_TOP_K) classes, sorted (ties: lower index first, as ONNX specifies), and their softmax
+    probabilities are gathered from a Softmax over all the logits.
+
+    Ranked by the logits, not the probabilities: float32 probabilities of different logits can be
+    equal, and the order stays the logits' (which is what ranking float64 probabilities gives). The
+    server answers top-k from these two outputs (`server.postprocess.predictions`) without touching
+    the logits; the logits stay the first output. Added to each variant as written (after the fp16
+    conversion, which would turn the outputs of these nodes to float16), so it always ranks float32.
+    """
+    if io.ranked_probabilities is None or io.ranked_classes is None:
+        raise ValueError("add_ranking needs the names of both ranking outputs")
+    graph, count = model.graph, min(num_classes, MAX_TOP_K)
+    k, top, every = (f"{io.ranked_classes}/{part}" for part in ("k", "logits", "probabilities"))
+    graph.initializer.append(numpy_helper.from_array(np.array([count], np.int64), k))
+    graph.node.extend([
+        helper.make_node("TopK", [io.output, k], [top, io.ranked_classes], name="ranking/topk", axis=-1),
+        helper.make_node("Softmax", [io.output], [every], name="ranking/softmax", axis=-1),
+        helper.make_node(
+            "GatherElements", [every, io.ranked_classes], [io.ranked_probabilities], name="ranking/gather",
+            axis=-1,
+        ),
+    ])  # fmt: skip
+    graph.output.extend([
+        helper.make_tensor_value_info(io.ranked_probabilities, TensorProto.FLOAT, ["batch", count]),
+        helper.make_tensor_value_info(io.ranked_classes, TensorProto.INT64, ["batch", count]),
+    ])  # fmt: skip
 
 
 def add_identity_defaults(model: onnx.ModelProto, native_grid: tuple[int, int], io: OnnxIO) -> None:

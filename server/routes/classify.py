@@ -17,7 +17,7 @@ from starlette.datastructures import State
 
 from server.errors import InvalidResolutionError, ServerError
 from server.metrics import Metrics
-from server.postprocess import top_k
+from server.postprocess import MAX_TOP_K, Outputs, predictions
 from server.preprocess import DecodeLimits, pillow_formats, prepare
 from server.repository import ModelVersion, gather_cancelling
 from server.routes.deps import (
@@ -42,7 +42,7 @@ class ClassifyQuery(BaseModel):
 
     model: str | None = Field(None, description="Model name; default: the server's default model.")
     version: int | None = Field(None, ge=1, description="Model version; default: the latest ready.")
-    top_k: int = Field(5, ge=1, le=1000, description="Labels per image.")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="Labels per image.")
     resolution: str | None = Field(
         None, description="HEIGHT or HEIGHTxWIDTH in pixels; default: the model's native size."
     )
@@ -117,12 +117,12 @@ async def classify(request: Request) -> Response:
     mv = repository.get(query.model, query.version)
     res = query.resolution
     hw = mv.check_resolution(parse_resolution(res) if res else tuple(mv.config.image_size))
-    logits = await until_disconnected(request, _run(mv, blobs, hw, decode, state.decode_pool, metrics))
+    outputs = await until_disconnected(request, _run(mv, blobs, hw, decode, state.decode_pool, metrics))
     metrics.images.labels(mv.name).inc(len(blobs))
     body = {"model": mv.name, "version": mv.version, "resolution": hw}
-    body["predictions"] = top_k(logits, mv.config.labels, query.top_k)
+    body["predictions"] = predictions(outputs, mv.config.labels, query.top_k)
     if query.include_logits:
-        body["logits"] = logits.tolist()
+        body["logits"] = outputs.logits.tolist()
     return _encode(body)
 
 
@@ -156,8 +156,8 @@ async def _run(
     limits: DecodeLimits,
     pool: Executor,
     metrics: Metrics,
-) -> np.ndarray:
-    """Decode each image in the pool and queue it from there; logits (N, K) in upload order."""
+) -> Outputs:
+    """Decode each image in the pool and queue it from there; their outputs, in upload order."""
     spec = mv.config.preprocess
     observe = metrics.preprocess.labels(mv.name).observe
 
@@ -172,11 +172,11 @@ async def _run(
         observe(time.perf_counter() - start)
         return pixels
 
-    def one(index: int, blob: bytes) -> Awaitable[np.ndarray]:
+    def one(index: int, blob: bytes) -> Awaitable[Outputs]:
         return admission.infer_prepared(partial(decode, index, blob), pool)
 
     with mv.admit(hw, len(blobs)) as admission:
         if len(blobs) == 1:  # no task to gather: the common case, a lone image
-            return (await one(0, blobs[0]))[None]
+            return await one(0, blobs[0])
         rows = await gather_cancelling(one(i, b) for i, b in enumerate(blobs))
-    return np.stack(rows)
+    return Outputs.concat(rows)

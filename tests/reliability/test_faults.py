@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.model_config import ModelConfig, Resolutions
+from server.model_config import ModelConfig, OnnxIO, Resolutions
 from tests.conftest import TINY, TinyRepo, png_bytes, sample, scrape
 from tests.servers import hardened
 
@@ -64,9 +64,9 @@ def repo(tiny_repo: TinyRepo, tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("missing", "fragile"):
         shutil.copytree(tiny_repo.path / TINY, root / name, ignore=shutil.ignore_patterns("2", "*.onnx"))
         config = ModelConfig.load(root / name)
-        config.model_copy(update={"name": name, "resolutions": Resolutions(min=16, max=256)}).dump(
-            root / name
-        )
+        # The hand-built graph has the logits only: no ranking outputs (the server ranks them itself).
+        update = {"name": name, "resolutions": Resolutions(min=16, max=256), "onnx": OnnxIO()}
+        config.model_copy(update=update).dump(root / name)
     _fragile_graph(root / "fragile" / "1" / "model.onnx", len(config.labels))
     return root
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from server.model_config import ModelConfig, Preprocess, Resolutions
 from server.pos_resample import resample_matrix
+from server.postprocess import softmax
 from training import onnx_check, onnx_graph, repository
 from training.errors import UserError
 from training.export import default_resolutions, export_to_repository
@@ -195,6 +196,44 @@ def test_entry_with_other_labels_or_architecture_is_refused_unless_forced(tmp_pa
     assert repository.existing_versions(tmp_path / "tiny") == [3]
     assert ModelConfig.load(tmp_path / "tiny").architecture.depth == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_every_variant_ranks_its_own_logits(exported):
+    _, repo, report = exported
+    io = ModelConfig.load(repo / "tiny").onnx
+    assert (io.ranked_probabilities, io.ranked_classes) == ("ranked_probabilities", "ranked_classes")
+    x = torch.randn(4, 3, 40, 56)
+    for variant, path in report.files.items():
+        rows, cols = _matrices(x)
+        feeds = {"pixel_values": x.numpy(), "pos_embed_rows": rows, "pos_embed_cols": cols}
+        logits, probabilities, classes = session(path).run(
+            [io.output, io.ranked_probabilities, io.ranked_classes], feeds
+        )
+        assert classes.dtype == np.int64 and probabilities.dtype == np.float32, variant
+        assert classes.tolist() == np.argsort(-logits, axis=-1, kind="stable").tolist(), variant
+        want = np.sort(softmax(logits))[:, ::-1]
+        np.testing.assert_allclose(probabilities, want, atol=1e-6, err_msg=variant)
+
+
+def _matrices(x: torch.Tensor, grid0=(4, 4), patch=8) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        resample_matrix(grid0[0], x.shape[2] // patch, "bicubic"),
+        resample_matrix(grid0[1], x.shape[3] // patch, "bicubic"),
+    )
+
+
+def test_a_ranking_that_is_not_the_logits_fails_the_export(tmp_path, monkeypatch):
+    add_ranking = onnx_graph.add_ranking
+
+    def backwards(model, io, num_classes):  # the least probable first
+        add_ranking(model, io, num_classes)
+        topk = next(n for n in model.graph.node if n.op_type == "TopK")
+        topk.attribute.append(onnx.helper.make_attribute("largest", 0))
+
+    monkeypatch.setattr(onnx_graph, "add_ranking", backwards)
+    with pytest.raises(onnx_check.ParityError, match="ranking is not the softmax of its logits"):
+        export(tiny_vit(), tmp_path / "repo")
+    assert tree(tmp_path / "repo") == []
 
 
 def test_parity_failure_leaves_the_repository_untouched(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ from server.batcher import BatchPolicy
 from server.errors import InvalidResolutionError, ModelNotFoundError, ModelNotReadyError, StartupError
 from server.metrics import Metrics
 from server.model_config import ModelConfig
+from server.postprocess import softmax
 from server.repository import ModelRepository, ModelState
 from server.runtime import (
     OPENVINO,
@@ -118,9 +119,13 @@ def test_a_missing_repository_is_reported(tmp_path: Path) -> None:
 def test_session_runs_any_allowed_resolution_from_one_graph(tiny_repo: TinyRepo) -> None:
     config = ModelConfig.load(tiny_repo.path / "tiny")
     session = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions())
+    rng = np.random.default_rng(0)
     for hw in [(32, 32), (16, 48), (256, 8 * 3)]:
-        out = session.run(np.zeros((2, 3, *hw), np.float32))
-        assert out.shape == (2, 5) and out.dtype == np.float32
+        out = session.run(rng.standard_normal((2, 3, *hw)).astype(np.float32))
+        assert out.logits.shape == (2, 5) and out.logits.dtype == np.float32
+        # The graph ranks its own logits: every class, most probable first.
+        assert out.classes.tolist() == np.argsort(-out.logits, axis=-1, kind="stable").tolist()
+        np.testing.assert_allclose(out.probabilities, np.sort(softmax(out.logits))[:, ::-1], atol=1e-6)
     assert len(session._matrices) == 3  # one cached pair of matrices per grid, no new weights
     session.close()
 
@@ -131,10 +136,10 @@ def test_lanes_run_the_same_graph_concurrently(tiny_repo: TinyRepo) -> None:
     single = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions(intra_op_threads=2))
     lanes = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions(intra_op_threads=2, instances=2))
     assert (single.lanes, lanes.lanes) == (1, 2)
-    expected = single.run(pixels)
+    expected = single.run(pixels).logits
     with ThreadPoolExecutor(4) as pool:
-        outs = list(pool.map(lambda _: lanes.run(pixels, lane=True), range(8)))
-    for out in [lanes.run(pixels), *outs]:
+        outs = list(pool.map(lambda _: lanes.run(pixels, lane=True).logits, range(8)))
+    for out in [lanes.run(pixels).logits, *outs]:
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
     single.close()
     lanes.close()
@@ -210,8 +215,8 @@ def test_int8_and_fp16_variants(tmp_path: Path) -> None:
     int8 = Session(tmp_path / "q" / "1", config, RuntimeOptions(variant="int8"))
     fp16_on_cpu = Session(tmp_path / "q" / "1", config, RuntimeOptions(variant="fp16"))
     assert (fp32.variant, int8.variant, fp16_on_cpu.variant) == ("fp32", "int8", "fp32")
-    ref = fp32.run(x)
-    assert np.abs(int8.run(x) - ref).max() < 0.25 * np.abs(ref).max()
+    ref = fp32.run(x).logits
+    assert np.abs(int8.run(x).logits - ref).max() < 0.25 * np.abs(ref).max()
 
 
 def test_gpu_provider_options(tiny_repo: TinyRepo, tmp_path: Path) -> None:
