@@ -98,13 +98,13 @@ def build(spec: ModelSpec, workdir: Path, fp16: bool = False) -> BuiltModel:
     Args:
         spec: What to build.
         workdir: Holds ``checkpoints/`` and ``repo/``; a model already built there from the same
-            spec is reused as it is.
+            spec is reused as it is, unless it was exported before the graphs ranked their classes.
         fp16: Also write the fp16 graph (for the CUDA provider).
     """
     repo, ckpt = workdir / "repo", workdir / "checkpoints" / f"{spec.name}.pt"
     built = BuiltModel(spec.name, repo, ckpt)
     stamp = ckpt.with_suffix(".spec")
-    complete = built.has("int8") and (built.has("fp16") or not fp16)
+    complete = built.has("int8") and (built.has("fp16") or not fp16) and built.config.onnx.ranked
     if stamp.is_file() and stamp.read_text() == spec.fingerprint() and complete:
         return built
     import torch
