@@ -117,6 +117,15 @@ def http_floor() -> ServerUnderTest:
     return ServerUnderTest("http-floor", "HTTP floor (uvicorn, no model)", cmd, "/healthz")
 
 
+def model_floor(model: BuiltModel) -> ServerUnderTest:
+    """uvicorn decoding and running each upload on a thread, answering a constant: the c=1 floor."""
+    cmd = [sys.executable, "-m", "benchmarks.contenders.floor_app", str(model.directory), "{port}"]
+    return ServerUnderTest(
+        "model-floor", "Server floor (uvicorn, decode + ORT on a thread)", cmd, "/healthz",
+        metrics_match={"model": model.name},
+    )  # fmt: skip
+
+
 def litserve(python: Path, spec_path: Path) -> ServerUnderTest:
     cmd = [str(python), "-m", "benchmarks.contenders.litserve_app", str(spec_path), "{port}"]
     return ServerUnderTest(

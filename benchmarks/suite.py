@@ -124,6 +124,7 @@ class Suite:
     def run_servers(self, model: BuiltModel, demo: BuiltModel | None) -> None:
         if "http-floor" in self.plan.sections:
             self.measure(servers.http_floor(), model, "–", self.plan.basic_points())
+            self.measure(servers.model_floor(model), model, "fp32", [], paired=True)
         for name in ("naive-torch", "litserve", "rayserve"):
             if name in self.plan.sections:
                 self.run_contender(name, model)

@@ -135,6 +135,12 @@ def latency_targets(results: dict) -> list[dict]:
     http_note = ""
     if http and http["latency"]["p50_ms"] is not None:
         http_note = f" (HTTP alone, no model: p50 {http['latency']['p50_ms']:.1f} ms)"
+    floor = _paired_row(results, "model-floor")
+    if floor and floor.get("overhead_p50_ms") is not None:
+        http_note += (
+            f"; a bare server decoding and running the same model on a thread and answering a constant:"
+            f" overhead {floor['overhead_p50_ms']:.2f} ms"
+        )
     out = []
     for key, label, variant in THROUGHPUT_ROWS:
         target = f"{label}: c=1 p50 ≤ in-process + 2 ms"

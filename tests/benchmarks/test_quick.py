@@ -90,10 +90,18 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     ov = (
         {"vitserve-openvino"} if _openvino(results) else set()
     )  # against bf16 in the OpenVINO build's process
-    assert set(paired) == {"vitserve", "vitserve-tuned"} | ov
+    assert set(paired) == {"model-floor", "vitserve", "vitserve-tuned"} | ov
     assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())
-    # vitserve's /metrics gives its own overhead in every block: one batch of one per request
+    # vitserve's /metrics gives its own overhead in every block: one batch of one per request; so do
+    # the floor server's, under the same names
     assert all(r["overhead_blocks"] == r["blocks"] and r["overhead_p50_ms"] > 0 for r in paired.values())
+    assert "a bare server decoding and running the same model" in _c1_figures(results)
+
+
+def _c1_figures(results: dict) -> str:
+    from benchmarks.targets import latency_targets
+
+    return " ".join(t["figure"] for t in latency_targets(results))
 
 
 def test_quick_run_writes_the_tables(quick_run):
