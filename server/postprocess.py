@@ -51,7 +51,7 @@ class Outputs:
 
     def __getitem__(self, i: int) -> Outputs:
         """Image `i`'s outputs (still a batch, of one)."""
-        rows = slice(i, i + 1)
+        rows = slice(i, i + 1 or None)  # -1: the last
         if self.probabilities is None or self.classes is None:
             return Outputs(self.logits[rows])
         return Outputs(self.logits[rows], self.probabilities[rows], self.classes[rows])
@@ -97,6 +97,17 @@ def top_k(logits: np.ndarray, labels: Sequence[str], k: int) -> list[list[Predic
             idx = np.argsort(-row, kind="stable")[:k]
         rows.append([Prediction(label=labels[i], index=int(i), score=float(row[i])) for i in idx])
     return rows
+
+
+def ranking_matches(outputs: Outputs, tolerance: float = 1e-6) -> bool:
+    """Whether the graph's ranking is what `top_k` makes of the same logits: the same classes in the
+    same order (ties: lower index first), their probabilities within `tolerance`."""
+    if outputs.probabilities is None or outputs.classes is None:
+        return False
+    order = np.argsort(-outputs.logits, axis=-1, kind="stable")[:, : outputs.classes.shape[-1]]
+    probs = np.take_along_axis(softmax(outputs.logits), order, axis=-1)
+    error = np.abs(outputs.probabilities - probs)
+    return bool(np.array_equal(outputs.classes, order) and error.max(initial=0.0) <= tolerance)
 
 
 def predictions(outputs: Outputs, labels: Sequence[str], k: int) -> list[list[Prediction]]:

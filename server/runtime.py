@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ import onnxruntime as ort
 from server.errors import ModelLoadError, StartupError
 from server.model_config import VARIANT_FILES, ModelConfig, graph_file
 from server.pos_resample import resample_matrix
-from server.postprocess import Outputs
+from server.postprocess import Outputs, ranking_matches
 
 logger = logging.getLogger(__name__)
 
@@ -202,11 +202,31 @@ class Session:
         return cached
 
     def warm_up(self, resolutions: list[tuple[int, int]], batch_sizes: tuple[int, ...] = (1,)) -> None:
-        """Run each resolution once so the first user request does not pay for first-run set-up."""
+        """Run each resolution once so the first user request does not pay for first-run set-up;
+        first, check the graph's ranking on this provider (`check_ranking`)."""
+        if resolutions:
+            self.check_ranking(resolutions[0])
         for hw in dict.fromkeys(resolutions):
             for n in batch_sizes:
                 for lane in (False, True) if self._lanes is not None else (False,):
                     self.run(np.zeros((n, 3, *hw), dtype=np.float32), lane)
+
+    def check_ranking(self, hw: tuple[int, int]) -> bool:
+        """Whether the graph's ranking of two random images at `hw` is what NumPy makes of the same
+        run's logits (`server.postprocess.ranking_matches`); if not, it is not used. A provider
+        may run the ranking nodes in lower precision (OpenVINO's bf16, TensorRT's fp16) or order
+        ties otherwise; the CPU and CUDA providers run them in float32, as the exporter checked."""
+        if len(self._names.outputs) == 1:
+            return False
+        pixels = np.random.default_rng(0).standard_normal((2, 3, *hw), dtype=np.float32)
+        if ranking_matches(self.run(pixels)):
+            return True
+        logger.warning(
+            "%s on %s: the graph's ranking differs from its logits' (precision or order of ties); "
+            "ranking in NumPy", self.config.name, self.providers[0],
+        )  # fmt: skip
+        self._names = replace(self._names, outputs=self._names.outputs[:1])
+        return False
 
     def close(self) -> None:
         self._matrices.clear()
@@ -227,15 +247,19 @@ def _check_io(session: ort.InferenceSession, config: ModelConfig) -> _Names:
     # Inputs with a default (the identity matrices at the native grid) are overridable initializers.
     inputs = {i.name for i in session.get_inputs()} | {i.name for i in session.get_overridable_initializers()}
     outputs = {o.name for o in session.get_outputs()}
-    wanted = [io.output]
-    if io.ranked_probabilities is not None and io.ranked_classes is not None:
-        wanted += [io.ranked_probabilities, io.ranked_classes]
     missing = [n for n in (io.input, io.pos_rows, io.pos_cols) if n not in inputs]
-    if missing or not outputs.issuperset(wanted):
+    if missing or io.output not in outputs:
         raise ModelLoadError(
             f"graph inputs {sorted(inputs)} / outputs {sorted(outputs)} do not match config.json onnx names "
-            f"({io.input}, {io.pos_rows}, {io.pos_cols} -> {', '.join(wanted)})"
+            f"({io.input}, {io.pos_rows}, {io.pos_cols} -> {io.output})"
         )
+    wanted = [io.output]
+    if io.ranked_probabilities is not None and io.ranked_classes is not None:
+        ranking = [io.ranked_probabilities, io.ranked_classes]
+        if outputs.issuperset(ranking):
+            wanted += ranking
+        else:  # a version exported before the graphs ranked, under a config.json written since
+            logger.info("%s: this graph has no ranking outputs %s; ranking in NumPy", config.name, ranking)
     return _Names(io.input, io.pos_rows, io.pos_cols, wanted)
 
 

@@ -5,7 +5,7 @@
 image out of the one-part multipart upload the load generator sends, decodes it with the server's
 own code and runs it in ONNX Runtime with the server's session options on one worker thread (the
 in-process floor's code: `benchmarks.offline`), and answers a constant. No checks, no queue, no
-ranking, no middleware.
+post-processing (the graph's own ranking nodes run, as in vitserve), no middleware.
 
 It publishes the decoding and inference histograms under vitserve's names, so the paired c=1
 measurement reads its overhead outside decoding and inference as it reads vitserve's: what the

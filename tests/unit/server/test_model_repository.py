@@ -130,6 +130,53 @@ def test_session_runs_any_allowed_resolution_from_one_graph(tiny_repo: TinyRepo)
     session.close()
 
 
+def _edited_copy(tiny_repo: TinyRepo, tmp_path: Path, edit) -> tuple[Path, ModelConfig]:
+    """tiny's version 1 under `tmp_path`, its graph changed by `edit(onnx.ModelProto)`."""
+    import onnx
+
+    shutil.copytree(tiny_repo.path / "tiny", tmp_path / "tiny", ignore=shutil.ignore_patterns("2"))
+    graph_path = tmp_path / "tiny" / "1" / "model.onnx"
+    model = onnx.load(str(graph_path))
+    edit(model)
+    onnx.save(model, str(graph_path))
+    return tmp_path / "tiny" / "1", ModelConfig.load(tmp_path / "tiny")
+
+
+def test_a_graph_without_the_ranking_its_config_names_is_ranked_in_numpy(tiny_repo, tmp_path) -> None:
+    def unranked(model) -> None:  # as exported before the graphs ranked (an older version of the entry)
+        keep = [n for n in model.graph.node if not n.name.startswith("ranking/")]
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+        outputs = [o for o in model.graph.output if not o.name.startswith("ranked_")]
+        del model.graph.output[:]
+        model.graph.output.extend(outputs)
+
+    version_dir, config = _edited_copy(tiny_repo, tmp_path, unranked)
+    assert config.onnx.ranked
+    session = Session(version_dir, config, RuntimeOptions())
+    out = session.run(np.zeros((2, 3, 32, 32), np.float32))
+    assert out.probabilities is None and out.classes is None and out.logits.shape == (2, 5)
+    assert not session.check_ranking((32, 32))
+
+
+def test_a_ranking_that_differs_from_the_logits_is_not_used(tiny_repo, tmp_path) -> None:
+    def backwards(model) -> None:  # what a provider running the ranking in low precision could give
+        from onnx import helper
+
+        topk = next(n for n in model.graph.node if n.name == "ranking/topk")
+        topk.attribute.append(helper.make_attribute("largest", 0))
+
+    version_dir, config = _edited_copy(tiny_repo, tmp_path, backwards)
+    good = Session(tiny_repo.path / "tiny" / "1", config, RuntimeOptions())
+    bad = Session(version_dir, config, RuntimeOptions())
+    pixels = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert bad.run(pixels).classes is not None  # until it is checked
+    good.warm_up([(32, 32)])
+    bad.warm_up([(32, 32)])
+    assert good.run(pixels).classes is not None and bad.run(pixels).classes is None
+    np.testing.assert_allclose(bad.run(pixels).logits, good.run(pixels).logits, rtol=1e-6, atol=1e-6)
+
+
 def test_lanes_run_the_same_graph_concurrently(tiny_repo: TinyRepo) -> None:
     config = ModelConfig.load(tiny_repo.path / "tiny")
     pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 48)).astype(np.float32)

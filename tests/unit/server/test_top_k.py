@@ -110,6 +110,7 @@ def test_outputs_split_into_images_and_join_again() -> None:
     outputs = _ranking_session(4)(np.arange(12, dtype=np.float32).reshape(3, 4))
     rows = [outputs[i] for i in range(len(outputs))]
     assert [len(r) for r in rows] == [1, 1, 1] and rows[1].classes.tolist() == [[3, 2, 1, 0]]
+    assert outputs[-1].logits.tolist() == rows[2].logits.tolist()
     joined = Outputs.concat(rows)
     for name in ("logits", "probabilities", "classes"):
         np.testing.assert_array_equal(getattr(joined, name), getattr(outputs, name))
