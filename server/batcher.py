@@ -156,12 +156,16 @@ class Admission:
                 batcher._call_loop(batcher._fail, item, exc)
                 return
             if lone_runs is not None and lone_runs.acquire(blocking=False):
+                taken, outputs = False, None
                 try:
-                    if batcher._take_lone(item, pixels, self.deadline):
-                        batcher._run_here(item)
-                        return
+                    taken = batcher._take_lone(item, pixels, self.deadline)
+                    if taken:
+                        outputs = batcher._run_here(item)
                 finally:
-                    lone_runs.release()
+                    lone_runs.release()  # before the answer: a client answered at once finds it free
+                if taken:
+                    batcher._call_loop(batcher._deliver, [item], outputs)
+                    return
             batcher._queue(item, pixels, self.deadline)
 
         def never_ran(job: Future) -> None:  # cancelled before it started: by us, or a pool shutdown
@@ -363,9 +367,9 @@ class Batcher:
         self._metrics.queue_wait.labels(self.model).observe(0.0)
         return True
 
-    def _run_here(self, item: _Item) -> None:
-        """Run an item taken by `_take_lone` on this thread, as an inference thread runs a batch;
-        it is answered whatever happens (no outputs: InferenceFailedError)."""
+    def _run_here(self, item: _Item) -> Outputs | None:
+        """Run an item taken by `_take_lone` on this thread, as an inference thread runs a batch,
+        and return its outputs (None: it failed) for the caller to deliver, bookkeeping done."""
         outputs: Outputs | None = None
         try:
             outputs = self._execute([item], alone=True)
@@ -376,7 +380,7 @@ class Batcher:
                 self._running -= 1
                 self._alone = False
                 self._cond.notify_all()  # inference threads and `_join` wait for a batch run alone
-            self._call_loop(self._deliver, [item], outputs)
+        return outputs
 
     # -- event-loop side -------------------------------------------------------------------
 

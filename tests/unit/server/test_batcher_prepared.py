@@ -90,6 +90,22 @@ async def test_a_lone_image_runs_on_the_decode_thread_that_prepared_it() -> None
     await b.drain()
 
 
+async def test_a_lone_run_gives_its_budget_back_before_the_answer() -> None:
+    class SlowRelease(threading.BoundedSemaphore):
+        def release(self, n: int = 1) -> None:
+            time.sleep(0.05)  # a thread preempted here must not leave the budget taken for the next client
+            super().release(n)
+
+    b = _batcher(Model())
+    with DecodeThreads(2, thread_name_prefix="decode") as pool:
+        pool.lone_runs = SlowRelease(1)
+        with b.admit(HW, 1) as adm:
+            await adm.infer_prepared(lambda: np.zeros((3, *HW), np.float32), pool)
+        assert pool.lone_runs.acquire(blocking=False)  # the next lone image may run on a decode thread
+        pool.lone_runs.release()
+    await b.drain()
+
+
 @pytest.mark.parametrize("pool", [lambda: DecodeThreads(1), lambda: ThreadPoolExecutor(2)])
 async def test_without_a_spare_decode_thread_a_lone_image_goes_to_the_inference_thread(pool) -> None:
     model = Model()
