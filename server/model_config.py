@@ -200,6 +200,9 @@ class ModelConfig(_Strict):
     def load(cls, model_dir: Path) -> ModelConfig:
         return cls.model_validate_json((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
 
+    def json_text(self) -> str:
+        """config.json's text, as `dump` writes it."""
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
     def dump(self, model_dir: Path) -> None:
-        text = json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
-        (Path(model_dir) / CONFIG_FILE).write_text(text, encoding="utf-8")
+        (Path(model_dir) / CONFIG_FILE).write_text(self.json_text(), encoding="utf-8")

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("training.pretrain", "pre-train a ViT with the tanh pre-logits head"),
     "finetune": ("training.finetune", "fine-tune a checkpoint on a zero-initialised linear head"),
     "evaluate": ("training.evaluate", "top-1 / top-5 of a checkpoint or ONNX model on a data split"),
+    "rank": ("training.rank", "add the in-graph class ranking to an entry exported without it"),
     "demo": ("training.demo", "build the bundled demo models into a model repository"),
 }
 
