@@ -379,7 +379,13 @@ class Batcher:
             with self._cond:
                 self._running -= 1
                 self._alone = False
-                self._cond.notify_all()  # inference threads and `_join` wait for a batch run alone
+                if not (self._running or self._depth):
+                    self._busy = False  # what an idle inference thread would have set on waking
+                if self._depth or self._closing:
+                    # Lanes wait for a batch run alone when images queued behind it, `_join` when
+                    # draining. Else nobody waits for this, and waking every idle lane to find
+                    # nothing to do took the GIL and a core just as the answer went out.
+                    self._cond.notify_all()
         return outputs
 
     # -- event-loop side -------------------------------------------------------------------

@@ -106,6 +106,31 @@ async def test_a_lone_run_gives_its_budget_back_before_the_answer() -> None:
     await b.drain()
 
 
+async def test_a_lone_run_wakes_no_idle_inference_thread() -> None:
+    class Counting(threading.Condition):
+        wakes = 0
+
+        def notify(self, n: int = 1) -> None:  # notify_all calls it too
+            Counting.wakes += 1
+            super().notify(n)
+
+    model = Model()
+    policy = BatchPolicy(max_batch_size=4, max_queue_delay_s=0.0, queue_capacity=8, timeout_s=5.0)
+    b = Batcher("m", model, policy, Metrics(4), asyncio.get_running_loop(), lanes=2, run_lane=model)
+    b._cond = Counting()
+    b.start()
+    with DecodeThreads(2, thread_name_prefix="decode") as pool:
+        for v in (1.0, 2.0):
+            with b.admit(HW, 1) as adm:
+                await adm.infer_prepared(lambda v=v: np.full((3, *HW), v, np.float32), pool)
+    # Two idle lanes waited for work throughout: waking them gave them nothing to do (and cost the
+    # GIL and a core as the answer went out). The batcher is idle again: the next image runs at once.
+    assert len(model.threads) == 2 and all(name.startswith("decode_") for name in model.threads)
+    assert Counting.wakes == 0
+    assert not b._busy and not b._running
+    await b.drain()
+
+
 @pytest.mark.parametrize("pool", [lambda: DecodeThreads(1), lambda: ThreadPoolExecutor(2)])
 async def test_without_a_spare_decode_thread_a_lone_image_goes_to_the_inference_thread(pool) -> None:
     model = Model()
