@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("onnxruntime", "numpy", "pillow", "torch", "fastapi", "uvicorn", "httpx")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16")
 
 
 def _lscpu() -> dict[str, str]:
