@@ -148,6 +148,7 @@ def test_soak(tiny_repo: TinyRepo) -> None:
 
         _settle(srv, fds0)
         after = scrape(srv.url)
+        _settle(srv, fds0)  # the scrape's own connection may still be open on the server's side
         rss1, threads1, fds1 = srv.rss_bytes(), srv.threads(), srv.fds()
         assert srv.proc.poll() is None
         log = "".join(srv.log)
