@@ -120,7 +120,8 @@ def servers_section(results: dict) -> list[str]:
         " server's `/metrics` (vitserve only), over the measured window. Cores: CPU time of the server's"
         " processes and of the load generator over the window's wall time (the client shares the machine)."
         " Limit before / after: the decode-included limit (images/s) measured in-process just before and"
-        " just after a saturation run, the server idle meanwhile; the throughput targets use their mean.",
+        " just after a saturation run, the server's processes stopped meanwhile (SIGSTOP: an idle"
+        " server is not always idle); the throughput targets use their mean.",
         "",
         *_table(header, [server_row(r) for r in results["servers"]]),
     ]

@@ -21,7 +21,7 @@ from benchmarks.images import EncodedImage, image_set
 from benchmarks.loadgen import LoadSpec, Payload, multipart, run_load_sync, run_sync
 from benchmarks.models import SPECS, BuiltModel, build, existing
 from benchmarks.plan import TUNED_SETTINGS, LoadPoint, Plan
-from benchmarks.processes import ServerStartError, free_port, serving, session_cpu_seconds
+from benchmarks.processes import ServerStartError, free_port, paused, serving, session_cpu_seconds
 from benchmarks.prometheus import run_split, scrape
 
 log = logging.getLogger(__name__)
@@ -304,17 +304,24 @@ class Suite:
             }
 
         url, payloads = server.classify_url(port, point.query), self.payloads[point.image_kind]
-        limit_before = limit() if limit else None  # the server is idle meanwhile
-        basis_before = basis() if basis else None
+
+        def limits() -> list[float | None]:  # with the server's processes stopped (`paused`)
+            if limit is None and basis is None:
+                return []
+            with paused(pid):
+                return [limit() if limit else None, basis() if basis else None]
+
+        limits_before = limits()
         result = run_load_sync(url, payloads, spec, after_warmup=lambda: before.update(snapshot()))
         after = snapshot()
         cores = {k: (after[k] - before[k]) / result["wall_s"] for k in ("server_cpu", "client_cpu")}
         split = run_split(before["metrics"], after["metrics"], server.metrics_match)
         row = {**row, **result, "split": split, "cores_used": cores}
+        limits_after = limits()
         if limit is not None:
-            row["limit_around"] = [limit_before, limit()]
+            row["limit_around"] = [limits_before[0], limits_after[0]]
         if basis is not None:
-            row["fp32_limit_around"] = [basis_before, basis()]
+            row["fp32_limit_around"] = [limits_before[1], limits_after[1]]
         return row
 
     def measure_paired(
