@@ -6,7 +6,9 @@ once per grid and cached, so the weights are held once however many resolutions 
 
 On a CPU with `instances` > 1 a version holds a second ORT session of the same graph, its *lanes*:
 `instances` batches run on it at once, each single-threaded on its caller's thread (ORT has one
-intra-op pool per session, which concurrent runs would share, so a lane never gets more).
+intra-op pool per session, which concurrent runs would share, so a lane never gets more). On
+OpenVINO, which runs a session's calls on its own pool of inference requests, the lanes session
+gets `instances` streams sharing the intra-op threads (`num_streams`), so its calls run at once.
 Concurrent single-threaded runs beat one run split across the cores whenever anything else wants a
 core (decoding, HTTP): a preempted worker stalls a split run at every operator, and costs a lane
 only its own time slice. The first session, on every core, stays for lone batches: a request on an
@@ -56,6 +58,7 @@ class RuntimeOptions:
     instances: int = 1  # lanes on CPU (see the module docstring); GPU sessions always have one
     worker_niceness: int = 0  # added to the inference threads' nice value (server.niceness)
     max_batch_size: int = 32
+    openvino_streams: int = 1  # OpenVINO: inference requests run at once, threads split among them
     trt_cache_dir: Path | None = None
 
 
@@ -140,12 +143,16 @@ class Session:
             self.variant = "fp32"
         self._names = _check_io(self._session, config)
         self._lanes: ort.InferenceSession | None = None
-        # OpenVINO runs concurrent calls of a session on its own request pool, sized by its thread
-        # count: a single-threaded lanes session there ran them one at a time (24 against 82 images/s
-        # with decoding, ViT-S/16 bf16 on 2 cores), so it gets no lanes, as a GPU does not.
-        if options.instances > 1 and not self.on_gpu and self.providers[0] != OPENVINO:
-            narrow = RuntimeOptions(providers=tuple(self.providers), intra_op_threads=1, inter_op_threads=1)
-            self._lanes = open_session(version_dir / graph_file(self.variant), config, narrow, self.variant)
+        if options.instances > 1 and not self.on_gpu:
+            # OpenVINO runs a session's concurrent calls on its own pool of inference requests, one
+            # per stream: a single-threaded session there ran them one at a time (24 against 82
+            # images/s with decoding, ViT-S/16 bf16 on 2 cores), so its lanes are streams instead.
+            providers = tuple(self.providers)
+            if providers[0] == OPENVINO:
+                lanes = replace(options, providers=providers, openvino_streams=options.instances)
+            else:
+                lanes = RuntimeOptions(providers=providers, intra_op_threads=1, inter_op_threads=1)
+            self._lanes = open_session(version_dir / graph_file(self.variant), config, lanes, self.variant)
         self.lanes = options.instances if self._lanes is not None else 1
         self._pixel_dtype = _input_dtype(self._session, self._names.input)
         self._matrix_dtype = _input_dtype(self._session, self._names.pos_rows)
@@ -332,6 +339,7 @@ def _provider_options(
         return {
             "device_type": "CPU",
             "num_of_threads": str(options.intra_op_threads),
+            "num_streams": str(options.openvino_streams),
             "load_config": json.dumps({"CPU": {"INFERENCE_PRECISION_HINT": precision}}),
         }
     return {}

@@ -106,8 +106,8 @@ class Settings(BaseSettings):
         ge=1,
         le=256,
         description="Batches one model version runs at once on a CPU, each on one thread of a second "
-        "session (a lone image still runs alone on intra_op_threads); at most intra_op_threads. "
-        "1: one session, one batch at a time. Ignored on a GPU and on OpenVINO.",
+        "session (OpenVINO: one stream each); a lone image still runs alone on intra_op_threads. At "
+        "most intra_op_threads. 1: one session, one batch at a time. Ignored on a GPU.",
     )
     worker_niceness: int = Field(
         5,

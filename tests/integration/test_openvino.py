@@ -7,6 +7,7 @@ The OpenVINO build cannot share a venv with the CPU one; `make test` installs it
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -72,7 +73,7 @@ def _check(ov: ServerProcess, reference: ServerProcess, variant: str, images: li
 def test_openvino_answers_as_the_cpu_provider_at_every_resolution(overlay: Path, repo: Path) -> None:
     """auto (bf16 where the CPU multiplies bf16 in hardware, as fp16 is chosen on a GPU) within bf16's
     rounding, and fp32 on OpenVINO (which overrides OpenVINO's own bf16 default on such CPUs) to 1e-4.
-    Two intra-op threads, so `instances` is 2 as on a real machine: OpenVINO takes no lanes session."""
+    Two intra-op threads, so `instances` is 2 as on a real machine (a lanes session of two streams)."""
     from server.runtime import cpu_has_native_bf16
 
     images = [png_bytes(i) for i in range(6)]
@@ -87,3 +88,52 @@ def test_openvino_answers_as_the_cpu_provider_at_every_resolution(overlay: Path,
             server.wait_ready()
         _check(auto, cpu, "bf16" if cpu_has_native_bf16() else "fp32", images)
         _check(fp32, cpu, "fp32", images)
+
+
+_LANES = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+import numpy as np
+from server.model_config import ModelConfig
+from server import runtime
+from server.runtime import OPENVINO, RuntimeOptions, Session
+
+opened, real_open = [], runtime.open_session
+def spy(path, config, options, variant):  # the real session, with the options it was opened with
+    session = real_open(path, config, options, variant)
+    opened.append([options.openvino_streams, options.intra_op_threads, session.get_providers()[0]])
+    return session
+runtime.open_session = spy
+
+version = Path(sys.argv[1])
+config = ModelConfig.load(version.parent)
+options = RuntimeOptions(providers=(OPENVINO, "CPUExecutionProvider"), variant="fp32", intra_op_threads=2)
+single = Session(version, config, options)
+lanes = Session(version, config, RuntimeOptions(**{**options.__dict__, "instances": 2}))
+pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 48)).astype(np.float32)
+expected = single.run(pixels).logits
+with ThreadPoolExecutor(4) as pool:
+    outs = list(pool.map(lambda _: lanes.run(pixels, lane=True).logits, range(8)))
+print(json.dumps({
+    "lanes": [single.lanes, lanes.lanes],
+    "opened": opened,
+    "error": max(float(np.abs(out - expected).max()) for out in [lanes.run(pixels).logits, *outs]),
+}))
+"""
+
+
+def test_openvino_lanes_are_streams_of_one_session(overlay: Path, repo: Path) -> None:
+    """With `instances` 2 the lanes session runs two OpenVINO streams (a single-threaded one would
+    run its callers one at a time); the session on every core keeps one. Concurrent lane runs answer
+    as the single session does."""
+    run = subprocess.run(
+        [sys.executable, "-c", _LANES, str(repo / TINY / "1")], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(overlay), str(ROOT)])}, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert got["lanes"] == [1, 2]
+    # streams, threads and provider of the single session, then the lanes' two (every core, lanes)
+    assert got["opened"] == [[1, 2, OPENVINO], [1, 2, OPENVINO], [2, 2, OPENVINO]]
+    assert got["error"] < 1e-4

@@ -287,7 +287,10 @@ def test_openvino_options_carry_the_precision(tiny_repo: TinyRepo, variant: str,
 
     config = ModelConfig.load(tiny_repo.path / "tiny")
     ov = _provider_options(OPENVINO, config, RuntimeOptions(intra_op_threads=3), variant)
-    assert ov["device_type"] == "CPU" and ov["num_of_threads"] == "3"
+    assert ov["device_type"] == "CPU" and ov["num_of_threads"] == "3" and ov["num_streams"] == "1"
+    two = RuntimeOptions(intra_op_threads=2, openvino_streams=2)
+    streams = _provider_options(OPENVINO, config, two, variant)
+    assert streams["num_of_threads"] == "2" and streams["num_streams"] == "2"
     assert json.loads(ov["load_config"]) == {"CPU": {"INFERENCE_PRECISION_HINT": hint}}
 
 
