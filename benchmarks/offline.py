@@ -6,9 +6,9 @@ as wide as the machine, the next batch decoding while one runs, as a server over
 image end to end at batch 1, the floor for a lone request's latency.
 
 The first two are measured twice: one session on every core (one call at a time, as most servers
-run ORT), and lanes, one single-threaded session called from one thread per core at once (as
-vitserve runs a busy version, `server.runtime`), each lane decoding its own batch and running it.
-The limit is the better of the two.
+run ORT), and lanes, one session called from one thread per core at once, each lane decoding its
+own batch and running it, as vitserve runs a busy version (`server.runtime`): single-threaded on
+the CPU provider, one stream per lane on OpenVINO. The limit is the better of the two.
 """
 
 from __future__ import annotations
@@ -42,16 +42,27 @@ class OrtModel:
     """
 
     def __init__(
-        self, path: Path, config: ModelConfig, threads: int | None = None, variant: str = "fp32"
-    ) -> None:
+        self, path: Path, config: ModelConfig, threads: int | None = None, variant: str = "fp32",
+        streams: int = 1,
+    ) -> None:  # fmt: skip
         from server.runtime import OPENVINO, RuntimeOptions, open_session
 
         providers = (OPENVINO, "CPUExecutionProvider") if variant == "bf16" else ("CPUExecutionProvider",)
-        options = RuntimeOptions(providers=providers, intra_op_threads=threads or os.cpu_count() or 1)
+        threads = threads or os.cpu_count() or 1
+        options = RuntimeOptions(providers=providers, intra_op_threads=threads, openvino_streams=streams)
         self.session = open_session(path, config, options, variant)
         if variant == "bf16" and self.session.get_providers()[0] != OPENVINO:
             raise RuntimeError(f"{OPENVINO} did not come up in this process")
         self.config = config
+
+    @classmethod
+    def lanes(cls, path: Path, config: ModelConfig, lanes: int, variant: str = "fp32") -> OrtModel:
+        """The session vitserve's lanes run on (`server.runtime.Session`): single-threaded on the CPU
+        provider; on OpenVINO, whose single-threaded session runs its callers one at a time, one
+        stream per lane over as many threads."""
+        if variant == "bf16":
+            return cls(path, config, threads=lanes, variant=variant, streams=lanes)
+        return cls(path, config, threads=1, variant=variant)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a float32 (N, 3, H, W) batch; the resampling inputs are built for its H, W."""

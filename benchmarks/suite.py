@@ -106,7 +106,7 @@ class Suite:
         }  # fmt: skip
         cores = os.cpu_count() or 1
         if cores > 1:
-            narrow = offline.OrtModel(built.onnx_path(variant), cfg, threads=1, variant=variant)
+            narrow = offline.OrtModel.lanes(built.onnx_path(variant), cfg, cores, variant)
             lanes = offline.lanes_sweep(narrow, tensors, list(plan.batch_sizes), plan.offline_seconds, cores)
             lanes["decode_images_per_s"] = offline.lanes_decode_included(
                 narrow, images, decode, lanes["best_batch"], plan.offline_seconds, cores
@@ -262,7 +262,8 @@ class Suite:
         key = (built.name, variant)
         if key not in self._limit_models:
             path = built.onnx_path(variant)
-            narrow = offline.OrtModel(path, cfg, threads=1, variant=variant) if "lanes" in row else None
+            lanes = row.get("lanes")
+            narrow = offline.OrtModel.lanes(path, cfg, lanes["lanes"], variant) if lanes else None
             self._limit_models[key] = (offline.OrtModel(path, cfg, variant=variant), narrow)
         single, narrow = self._limit_models[key]
         decode, images, secs = (
