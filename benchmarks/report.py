@@ -78,9 +78,9 @@ def offline_section(results: dict) -> list[str]:
         " code) on a thread pool as wide as the machine, the next batch while one runs. % of peak:"
         " model FLOPs × images/s over the GEMM rate above (int8 against the int8 rate), for one"
         " session on every core."
-        " Lanes: one single-threaded session called from one thread per core at once, each thread"
-        " decoding its own batch (how vitserve runs a busy model on a CPU). The limit is the better of"
-        " the two.",
+        " Lanes: one session called from one thread per core at once, each thread decoding its own"
+        " batch (how vitserve runs a busy model on a CPU): single-threaded on the CPU provider, one"
+        " stream per lane on OpenVINO. The limit is the better of the two.",
         "",
         *_table(header, rows),
     ]
