@@ -7,6 +7,11 @@ multiprocess mode.
 
 Label cardinality is bounded: `model` is a name from the repository or "unknown", `endpoint` a
 route template (never a raw path), `status` an HTTP status code.
+
+Each registry also carries prometheus-client's standard exports, which its default registry would
+have had: `process_*` (resident memory, CPU seconds, open file descriptors, start time; Linux only),
+`python_gc_*` and `python_info`. They read this process, so several apps in one process report it
+several times, each in its own registry.
 """
 
 from __future__ import annotations
@@ -14,7 +19,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -59,6 +72,10 @@ class Metrics:
     def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         reg = self.registry
+        if registry is None:  # prometheus_client.REGISTRY and its like have them already
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+            GCCollector(registry=reg)  # registers nothing where the interpreter keeps no GC statistics
         self.requests = Counter(
             "vitserve_requests", "HTTP requests answered.", ["model", "endpoint", "status"], registry=reg
         )

@@ -22,6 +22,7 @@ _NOT_METRICS = {
     "sum", "rate", "increase", "histogram_quantile", "max", "min", "avg", "count", "by", "without", "on",
     "ignoring", "group_left", "group_right", "and", "or", "unless", "vector", "offset", "bool", "le",
     "label_values", "irate", "delta", "abs", "clamp_min", "clamp_max", "time", "absent", "topk", "bottomk",
+    "changes", "resets",
 }  # fmt: skip
 
 

@@ -19,6 +19,7 @@ GRAFANA = REPO / "docker" / "grafana"
 REQUIRED_PANELS = [
     "Requests/s by status", "Latency p50 / p95 / p99", "Queue wait vs preprocessing vs inference (p95)",
     "Batch-size distribution", "Queue depth", "Model versions", "GPU memory used", "GPU utilisation",
+    "Resident memory", "CPU cores used",
 ]  # fmt: skip
 
 

@@ -1,21 +1,34 @@
-"""server.metrics: naming rules, bucket layout, and the README table naming a Triton equivalent for each."""
+"""server.metrics: naming rules, bucket layout, the README table naming a Triton equivalent for each, and
+the client library's standard process and Python exports beside them."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from server.metrics import Metrics, batch_size_buckets
 
+STANDARD = ("process_", "python_")  # prometheus-client's own exports, named by its conventions
 
-def _exported_names() -> set[str]:
-    metrics = Metrics(8)
-    metrics.set_model_state("m", 1, "ready")
+
+def _all_names(metrics: Metrics) -> set[str]:
     names = set()
     for family in metrics.registry.collect():
         suffix = "_total" if family.type == "counter" else ""
         names.add(family.name + suffix)
-    return names | {"vitserve_gpu_memory_used_bytes", "vitserve_gpu_utilization_ratio"}
+    return names
+
+
+def _exported_names() -> set[str]:
+    """vitserve's own metrics (the GPU ones are exported only where NVML finds a GPU)."""
+    metrics = Metrics(8)
+    metrics.set_model_state("m", 1, "ready")
+    own = {n for n in _all_names(metrics) if not n.startswith(STANDARD)}
+    return own | {"vitserve_gpu_memory_used_bytes", "vitserve_gpu_utilization_ratio"}
 
 
 def test_names_follow_prometheus_conventions() -> None:
@@ -40,3 +53,20 @@ def test_the_readme_maps_every_metric_to_triton() -> None:
     for name in _exported_names():
         assert name in rows, name
         assert len(rows[name].split("|")) == 6, f"{name}: the row needs a Triton column"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the process collector reads /proc")
+def test_the_standard_process_and_python_metrics_are_exported() -> None:
+    text = generate_latest(Metrics(8).registry).decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds",
+                 "process_start_time_seconds", "python_gc_collections_total", "python_info"):  # fmt: skip
+        assert re.search(rf"^{name}(\{{.*\}})? \S+$", text, re.M), name
+    rss = float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M).group(1))
+    assert rss > 10 * 2**20  # this test process, read from /proc: tens of MB at least
+
+
+def test_a_registry_passed_in_gets_only_vitserve_metrics() -> None:
+    # One with the standard exports already (prometheus_client.REGISTRY) would refuse them twice.
+    passed_in = _all_names(Metrics(8, registry=CollectorRegistry()))
+    assert not {n for n in passed_in if n.startswith(STANDARD)}
+    assert {n for n in _all_names(Metrics(8)) if n.startswith(STANDARD)}  # its own registry has them
