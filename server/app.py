@@ -190,5 +190,6 @@ class RequestMetrics:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "other"
             model = scope.get("state", {}).get("model", "")
-            self.metrics.requests.labels(model, endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(model, endpoint).observe(time.perf_counter() - start)
+            metrics = self.metrics
+            metrics.series(metrics.requests, model, endpoint, str(status)).inc()
+            metrics.series(metrics.request_duration, model, endpoint).observe(time.perf_counter() - start)

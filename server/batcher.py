@@ -241,6 +241,12 @@ class Batcher:
         self._run_lane = run_lane
         self._niceness = niceness
         self._metrics = metrics
+        # This model's series, looked up once: the lookups ran on every image, with cold caches
+        # right after a batch at concurrency 1.
+        self._queue_wait = metrics.queue_wait.labels(model)
+        self._queue_depth = metrics.queue_depth.labels(model)
+        self._inference_time = metrics.inference.labels(model)
+        self._batch_size = metrics.batch_size.labels(model)
         self._loop = loop
         self._cond = threading.Condition()
         self._queues: dict[tuple[int, int], deque[_Item]] = {}
@@ -264,9 +270,8 @@ class Batcher:
         return self._depth
 
     def start(self) -> None:
-        # The queue-depth series exists (at 0) from the start: a server answering one image at a
-        # time runs each on its decode thread and would otherwise never queue, nor publish it.
-        self._metrics.queue_depth.labels(self.model)
+        # The queue-depth series exists (at 0) from the start (`__init__` made it): a server answering
+        # one image at a time runs each on its decode thread and would otherwise never queue.
         for thread in self._threads:
             thread.start()
 
@@ -349,7 +354,7 @@ class Batcher:
         if refused:
             self._call_loop(self._fail, item, ShuttingDownError())
         elif item.state is _State.QUEUED:
-            self._metrics.queue_depth.labels(self.model).inc()
+            self._queue_depth.inc()
 
     def _take_lone(self, item: _Item, pixels: np.ndarray, deadline: float) -> bool:
         """Take `item` as a batch of one for the calling thread when it is the only work there is."""
@@ -364,7 +369,7 @@ class Batcher:
             self._busy = True
             self._running += 1
             self._alone = True
-        self._metrics.queue_wait.labels(self.model).observe(0.0)
+        self._queue_wait.observe(0.0)
         return True
 
     def _run_here(self, item: _Item) -> Outputs | None:
@@ -406,7 +411,7 @@ class Batcher:
             item.pixels = None
             self._live[item.hw] -= 1
             self._depth -= 1
-        self._metrics.queue_depth.labels(self.model).dec()
+        self._queue_depth.dec()
         return True
 
     def _expire(self, item: _Item) -> None:
@@ -538,10 +543,10 @@ class Batcher:
                 batch.append(item)
         self._live[hw] -= len(batch)
         self._depth -= len(batch)
-        wait = self._metrics.queue_wait.labels(self.model)
+        wait = self._queue_wait
         for item in batch:
             wait.observe(now - item.enqueued)
-        self._metrics.queue_depth.labels(self.model).dec(len(batch))
+        self._queue_depth.dec(len(batch))
         return batch
 
     def _execute(self, batch: list[_Item], alone: bool) -> Outputs | None:
@@ -566,8 +571,8 @@ class Batcher:
         elapsed = time.perf_counter() - start
         if self.admission is not None and running is not None:
             self.admission.finished(running, None if outputs is None else elapsed)
-        self._metrics.inference.labels(self.model).observe(elapsed)
-        self._metrics.batch_size.labels(self.model).observe(len(batch))
+        self._inference_time.observe(elapsed)
+        self._batch_size.observe(len(batch))
         return outputs
 
     def _abandon(self) -> None:
@@ -581,7 +586,7 @@ class Batcher:
             self._live.clear()
             self._depth = 0
             self._cond.notify_all()
-        self._metrics.queue_depth.labels(self.model).dec(len(left))
+        self._queue_depth.dec(len(left))
         self._fail_queued(left)
 
     def _call_loop(self, fn: Callable[..., None], *args: object) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -71,6 +72,7 @@ class Metrics:
 
     def __init__(self, max_batch_size: int, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._series: dict[tuple[Any, tuple[str, ...]], Any] = {}
         reg = self.registry
         if registry is None:  # prometheus_client.REGISTRY and its like have them already
             ProcessCollector(registry=reg)
@@ -124,6 +126,18 @@ class Metrics:
         gpu = GpuCollector.create()
         if gpu is not None:
             reg.register(gpu)
+
+    def series(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set (label values are bounded, above).
+
+        For hot paths: `labels` checks its arguments, builds a tuple and takes a lock on every call,
+        and at concurrency 1 each request's lookups run with the caches cold after its batch.
+        """
+        key = (metric, labels)
+        child = self._series.get(key)
+        if child is None:  # two threads racing here get the same child from `labels`
+            child = self._series[key] = metric.labels(*labels)
+        return child
 
     def set_model_state(self, model: str, version: int, state: str) -> None:
         """Mark `state` as the current one for a model version (1) and the others 0."""

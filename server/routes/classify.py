@@ -118,7 +118,7 @@ async def classify(request: Request) -> Response:
     res = query.resolution
     hw = mv.check_resolution(parse_resolution(res) if res else tuple(mv.config.image_size))
     outputs = await until_disconnected(request, _run(mv, blobs, hw, decode, state.decode_pool, metrics))
-    metrics.images.labels(mv.name).inc(len(blobs))
+    metrics.series(metrics.images, mv.name).inc(len(blobs))
     body = {"model": mv.name, "version": mv.version, "resolution": hw}
     body["predictions"] = predictions(outputs, mv.config.labels, query.top_k)
     if query.include_logits:
@@ -159,7 +159,7 @@ async def _run(
 ) -> Outputs:
     """Decode each image in the pool and queue it from there; their outputs, in upload order."""
     spec = mv.config.preprocess
-    observe = metrics.preprocess.labels(mv.name).observe
+    observe = metrics.series(metrics.preprocess, mv.name).observe
 
     def decode(index: int, blob: bytes) -> np.ndarray:
         start = time.perf_counter()

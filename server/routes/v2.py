@@ -256,7 +256,7 @@ async def model_infer(
     pixels = infer.inputs[mv.config.onnx.input]
     _check_batch(mv, pixels.shape, settings.max_images_per_request)
     logits = await until_disconnected(request, _run(mv, pixels, infer.timeout_s))
-    metrics.images.labels(mv.name).inc(len(pixels))
+    metrics.series(metrics.images, mv.name).inc(len(pixels))
     outputs = v2_codec.select_outputs(infer, {mv.config.onnx.output: logits}, mv.config.labels)
     content, header_length = v2_codec.encode_infer_response(mv.name, str(mv.version), infer.id, outputs)
     if header_length is None:

@@ -70,3 +70,14 @@ def test_a_registry_passed_in_gets_only_vitserve_metrics() -> None:
     passed_in = _all_names(Metrics(8, registry=CollectorRegistry()))
     assert not {n for n in passed_in if n.startswith(STANDARD)}
     assert {n for n in _all_names(Metrics(8)) if n.startswith(STANDARD)}  # its own registry has them
+
+
+def test_series_is_the_labelled_child_looked_up_once() -> None:
+    metrics = Metrics(8)
+    child = metrics.series(metrics.images, "m")
+    assert child is metrics.series(metrics.images, "m") is metrics.images.labels("m")
+    child.inc(3)
+    assert metrics.registry.get_sample_value("vitserve_images_total", {"model": "m"}) == 3
+    ok, refused = (metrics.series(metrics.requests, "m", "/classify", s) for s in ("200", "503"))
+    assert ok is not refused
+    assert metrics.series(metrics.preprocess, "m") is not metrics.series(metrics.inference, "m")
