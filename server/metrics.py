@@ -8,10 +8,10 @@ multiprocess mode.
 Label cardinality is bounded: `model` is a name from the repository or "unknown", `endpoint` a
 route template (never a raw path), `status` an HTTP status code.
 
-Each registry also carries prometheus-client's standard exports, which its default registry would
-have had: `process_*` (resident memory, CPU seconds, open file descriptors, start time; Linux only),
-`python_gc_*` and `python_info`. They read this process, so several apps in one process report it
-several times, each in its own registry.
+The registry `Metrics` makes also carries prometheus-client's standard exports, which its default
+registry would have had: `process_*` (resident memory, CPU seconds, open file descriptors, start
+time; Linux only), `python_gc_*` and `python_info`. They read this process, so several apps in one
+process report it several times, each in its own registry.
 """
 
 from __future__ import annotations
