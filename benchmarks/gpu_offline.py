@@ -102,13 +102,13 @@ def torch_backend(built: BuiltModel, compiled: bool):
     return run
 
 
-def backends(built: BuiltModel, trt_cache: Path) -> list:
-    """(key, factory) per backend; a factory returns a runner, or a string saying why it cannot run."""
+def tensorrt_options(built: BuiltModel, trt_cache: Path) -> dict:
+    """The TensorRT provider's options: fp16, an engine cache, one profile over every batch size."""
     cfg = built.config
     (h, w), (gh, gw), io = cfg.image_size, cfg.native_grid, cfg.onnx
     # TensorRT wants a range for every dynamic input; the resampling matrices stay at the native grid.
     shape = f"{io.input}:{{n}}x3x{h}x{w},{io.pos_rows}:{gh}x{gh},{io.pos_cols}:{gw}x{gw}"
-    trt = {
+    return {
         "trt_fp16_enable": True,
         "trt_engine_cache_enable": True,
         "trt_engine_cache_path": str(trt_cache),
@@ -116,8 +116,12 @@ def backends(built: BuiltModel, trt_cache: Path) -> list:
         "trt_profile_opt_shapes": shape.format(n=64),
         "trt_profile_max_shapes": shape.format(n=max(BATCHES)),
     }
+
+
+def backends(built: BuiltModel, trt_cache: Path) -> list:
+    """(key, factory) per backend; a factory returns a runner, or a string saying why it cannot run."""
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    with_trt = [("TensorrtExecutionProvider", trt), *cuda]
+    with_trt = [("TensorrtExecutionProvider", tensorrt_options(built, trt_cache)), *cuda]
     return [
         ("ort-cuda-fp16", lambda: ort_backend(built, "fp16", cuda, "ONNX Runtime CUDA fp16")),
         ("ort-tensorrt-fp16", lambda: ort_backend(built, "fp32", with_trt, "ONNX Runtime TensorRT fp16")),

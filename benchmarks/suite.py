@@ -23,6 +23,7 @@ from benchmarks.models import SPECS, BuiltModel, build, existing
 from benchmarks.plan import TUNED_SETTINGS, LoadPoint, Plan
 from benchmarks.processes import ServerStartError, free_port, paused, serving, session_cpu_seconds
 from benchmarks.prometheus import run_split, scrape
+from server.runtime import GPU_PROVIDERS
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,9 @@ class Suite:
                         raise ServerStartError(
                             f"it serves {model.name} as {served['variant']}, not {variant}"
                         )
+                    on = (served.get("providers") or ["no provider"])[0]
+                    if self.plan.gpu and on not in GPU_PROVIDERS:  # CPU figures are not the GPU's
+                        raise ServerStartError(f"it serves {model.name} on {on}, not on a GPU")
                 saturated = None
                 for point in points:
                     around = basis = None
