@@ -68,8 +68,11 @@ def test_tensorrt_profiles_cover_every_batch_at_the_native_grid(tiny) -> None:
 def test_without_a_gpu_every_backend_is_a_row_saying_why(tiny, tmp_path) -> None:
     rows = gpu_offline.measure(tiny, [1, 2], 0.01, tmp_path / "trt")
     assert [r["backend"] for r in rows] == [key for key, _ in gpu_offline.backends(tiny, tmp_path)]
-    assert all(r["skipped"] for r in rows), rows
-    assert "CUDAExecutionProvider not available" in rows[0]["skipped"]
+    ort_cuda, ort_trt, *torch_rows = rows
+    assert "CUDAExecutionProvider not available" in ort_cuda["skipped"]
+    assert "TensorrtExecutionProvider not available" in ort_trt["skipped"]
+    for row in torch_rows:  # past loading the checkpoint, stopped at the device
+        assert "NVIDIA" in row["skipped"] or "CUDA" in row["skipped"], row
 
 
 @no_gpu
