@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     variant: Literal["auto", "fp32", "fp16", "int8", "bf16"] = Field(
         "auto",
         description="Graph variant: auto = fp16 on CUDA when present, bf16 on OpenVINO when the CPU "
-        "has AMX or AVX512-BF16, else fp32. bf16 runs the fp32 graph on OpenVINO only.",
+        "has AMX or AVX512-BF16, else fp32. bf16 runs the fp32 graph on OpenVINO only; int8 runs on "
+        "the CPU provider, on the OpenVINO build too.",
     )
     default_model: str | None = Field(
         None, description="Model used when a request names none; default: the first name in sorted order."

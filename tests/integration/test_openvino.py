@@ -140,3 +140,51 @@ def test_openvino_lanes_are_streams_of_one_session(overlay: Path, repo: Path) ->
     # then the benchmark's model of the lanes
     assert got["opened"] == [[1, 2, OPENVINO], [1, 2, OPENVINO], [2, 2, OPENVINO], [2, 2, OPENVINO]]
     assert got["error"] < 1e-4
+
+
+_INT8 = """
+import json, sys
+from pathlib import Path
+from server.model_config import ModelConfig
+from server import runtime
+from server.runtime import OPENVINO, RuntimeOptions, Session
+
+opened, real_open = [], runtime.open_session
+def spy(path, config, options, variant):
+    session = real_open(path, config, options, variant)
+    opened.append([path.name, session.get_providers()[0], options.intra_op_threads])
+    return session
+runtime.open_session = spy
+
+version = Path(sys.argv[1])
+options = RuntimeOptions(providers=(OPENVINO, "CPUExecutionProvider"), variant="int8", intra_op_threads=2,
+                         instances=2)
+session = Session(version, ModelConfig.load(version.parent), options)
+print(json.dumps({"variant": session.variant, "providers": session.providers, "lanes": session.lanes,
+                  "opened": opened}))
+"""
+
+
+def test_the_int8_graph_runs_on_the_cpu_provider_of_the_openvino_build(
+    overlay: Path, repo: Path, tmp_path: Path
+) -> None:
+    """OpenVINO runs ORT's dynamic quantisation far slower than the CPU provider's VNNI kernels, so
+    `--variant int8` on the OpenVINO build opens both sessions (every core, lanes) on the CPU provider."""
+    import onnx
+
+    from server.model_config import ModelConfig
+    from training.onnx_graph import write_int8
+
+    version = tmp_path / TINY / "1"
+    shutil.copytree(repo / TINY, tmp_path / TINY)
+    config = ModelConfig.load(tmp_path / TINY)
+    write_int8(onnx.load(str(version / "model.onnx")), version / "model.int8.onnx", config.onnx)
+    run = subprocess.run(
+        [sys.executable, "-c", _INT8, str(version)], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(overlay), str(ROOT)])}, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert got["variant"] == "int8" and got["providers"][0] == "CPUExecutionProvider" and got["lanes"] == 2
+    cpu = "CPUExecutionProvider"
+    assert got["opened"] == [["model.int8.onnx", cpu, 2], ["model.int8.onnx", cpu, 1]]
