@@ -12,15 +12,24 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Serving needs only the server's dependencies (no torch).
-$(VENV)/.serve: pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[cpu]'
+# Serving has a venv of its own with only the server's dependencies (no torch): on x86-64 ONNX Runtime's
+# OpenVINO build (bf16 on CPUs that multiply bf16; the default image installs the same), elsewhere the
+# CPU build. SERVE_EXTRA=cpu serves on the CPU build on x86-64 too.
+SERVE_VENV  ?= .venv-serve
+SERVE_PY    := $(SERVE_VENV)/bin/python
+SERVE_EXTRA ?= $(if $(filter x86_64,$(shell uname -m)),openvino,cpu)
+SERVE_STAMP := $(SERVE_VENV)/.installed-$(SERVE_EXTRA)
+$(SERVE_STAMP): pyproject.toml
+	rm -rf $(SERVE_VENV)
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_PY) -m pip install -q --upgrade pip
+	$(SERVE_PY) -m pip install -q -e '.[$(SERVE_EXTRA)]'
 	touch $@
 
 # Tests, training and export need everything.
 $(VENV)/.dev: pyproject.toml | $(PY)
 	$(PIP) install -q -e '.[cpu,train,dev]'
-	touch $@ $(VENV)/.serve
+	touch $@
 
 # The OpenVINO build of ONNX Runtime (what `pip install -e '.[openvino]'` gives a server venv) cannot
 # share a venv with the CPU build, so tests and benchmarks keep it in its own folder and put that first
@@ -36,8 +45,8 @@ $(OPENVINO_STAMP): | $(PY)
 	else echo "no OpenVINO build of ONNX Runtime for $$(uname -m): its tests and benchmarks are skipped"; fi
 	mkdir -p $(OPENVINO_DIR) && touch $@
 
-serve: $(VENV)/.serve
-	$(PY) -m server --model-repo model_repo --host $(HOST) --port $(PORT)
+serve: $(SERVE_STAMP)
+	$(SERVE_PY) -m server --model-repo model_repo --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.dev
 	$(PY) -m ruff check .
@@ -61,4 +70,4 @@ bench: $(VENV)/.dev $(OPENVINO_STAMP)
 	VITSERVE_BENCH_ORT_OPENVINO=$(OPENVINO_DIR) $(PY) -m benchmarks --update-results $(BENCH_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(SERVE_VENV)

@@ -62,7 +62,8 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     results, _ = quick_run
     rows = [r for r in results["servers"] if "skipped" not in r]
     expected = {"http-floor", "naive-torch", "vitserve", "vitserve-tuned"}
-    assert {r["server"] for r in rows} == expected | ({"vitserve-openvino"} if _openvino(results) else set())
+    openvino = {"vitserve-openvino", "vitserve-openvino-tuned"} if _openvino(results) else set()
+    assert {r["server"] for r in rows} == expected | openvino
     main = [r for r in rows if r["image_kind"] == "jpeg-64x48" and not r["query"]]
     for r in main:
         assert r["ok"] > 0, r
@@ -83,14 +84,12 @@ def test_quick_run_loads_every_server_and_reads_vitserve_metrics(quick_run):
     assert any(r["point"] == "open 2x" and r["spec"]["mode"] == "open" for r in rows)
     saturation = [r for r in main if r["point"] == "c=4" and r["variant"] == "fp32"]
     assert saturation and all(len(r["limit_around"]) == 2 and min(r["limit_around"]) > 0 for r in saturation)
-    for r in (r for r in main if r["server"] == "vitserve-openvino" and r["point"] == "c=4"):
+    for r in (r for r in main if r["server"] in openvino and r["point"] == "c=4"):
         # its own limit (from the OpenVINO build's process) and the fp32 one, each before and after
         assert min(r["limit_around"]) > 0 and min(r["fp32_limit_around"]) > 0 and r["variant"] == "bf16"
     paired = {r["server"]: r for r in results["paired"]}  # c=1 against in-process, every vitserve row
-    ov = (
-        {"vitserve-openvino"} if _openvino(results) else set()
-    )  # against bf16 in the OpenVINO build's process
-    assert set(paired) == {"model-floor", "vitserve", "vitserve-tuned"} | ov
+    # the OpenVINO rows against bf16 in the OpenVINO build's process
+    assert set(paired) == {"model-floor", "vitserve", "vitserve-tuned"} | openvino
     assert all(r["errors"] == {} and r["gap_p50_ms"] is not None for r in paired.values())
     # vitserve's /metrics gives its own overhead in every block: one batch of one per request; so do
     # the floor server's, under the same names
