@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from server.settings import ENV_PREFIX, Settings
-from tests.deploy.dockerfile import stages
+from tests.deploy.dockerfile import build_args, stages
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -66,7 +66,7 @@ def test_every_published_port_is_on_loopback_by_default(compose: dict[str, Any])
 
 
 def server_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {name: compose["services"][name] for name in ("vitserve", "vitserve-gpu", "vitserve-openvino")}
+    return {name: compose["services"][name] for name in ("vitserve", "vitserve-gpu", "vitserve-cpu")}
 
 
 def test_server_services_match_their_images(compose: dict[str, Any]) -> None:
@@ -115,18 +115,33 @@ def test_gpu_profile_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:
     assert "profiles" not in compose["services"]["vitserve"]  # the CPU server is the default
 
 
-def test_openvino_profile_builds_the_cpu_image_on_the_openvino_lock(compose: dict[str, Any]) -> None:
-    service = compose["services"]["vitserve-openvino"]
-    assert service["profiles"] == ["openvino"]
+def test_default_service_builds_the_dockerfile_s_own_choice(compose: dict[str, Any]) -> None:
+    """No SERVER_LOCK override: the Dockerfile's `auto` applies (ONNX Runtime's OpenVINO build on x86-64,
+    the plain CPU build elsewhere), and the image leaves the providers to the server."""
+    service = compose["services"]["vitserve"]
+    build = service["build"]
+    assert build["dockerfile"] == "docker/Dockerfile"
+    assert "SERVER_LOCK" not in build.get("args", {})
+    assert build_args(REPO / build["dockerfile"])["SERVER_LOCK"] == "auto"
+    assert "VITSERVE_PROVIDERS" not in service["environment"]
+    assert service["image"] != "vitserve:cpu"  # that tag is the plain CPU build's (below)
+    # OpenVINO compiles each graph beside its ONNX copy: the default service has the room for it
+    assert service["deploy"]["resources"]["limits"]["memory"] == "3g"
+
+
+def test_cpu_profile_builds_the_cpu_image_on_the_plain_lock(compose: dict[str, Any]) -> None:
+    service = compose["services"]["vitserve-cpu"]
+    assert service["profiles"] == ["cpu"]
+    assert service["image"] == "vitserve:cpu"
     build = service["build"]
     assert build["dockerfile"] == compose["services"]["vitserve"]["build"]["dockerfile"]
     lock = build["args"]["SERVER_LOCK"]
-    assert (REPO / "requirements" / lock).is_file() and "onnxruntime-openvino==" in (
-        REPO / "requirements" / lock
-    ).read_text()
+    assert lock == "server.lock"
+    text = (REPO / "requirements" / lock).read_text()
+    assert "onnxruntime==" in text and "onnxruntime-openvino==" not in text
     # the Dockerfile takes that argument, and the image then leaves the providers to the server
-    dockerfile = (REPO / build["dockerfile"]).read_text()
-    assert "ARG SERVER_LOCK" in dockerfile and "requirements/${SERVER_LOCK}" in dockerfile
+    assert "SERVER_LOCK" in build_args(REPO / build["dockerfile"])
+    assert "ARG SERVER_LOCK" in (REPO / build["dockerfile"]).read_text()
     assert "VITSERVE_PROVIDERS" not in service["environment"]
     ports = {name: s["ports"][0].rsplit(":", 2)[1] for name, s in server_services(compose).items()}
     assert len(set(ports.values())) == len(ports), f"two server services publish one host port: {ports}"

@@ -40,7 +40,7 @@ def k8s_env(path: str) -> dict[str, str]:
 ENVIRONMENTS = {
     "compose vitserve": lambda: {**image_env("Dockerfile"), **compose_env("vitserve")},
     "compose vitserve-gpu": lambda: {**image_env("Dockerfile.gpu"), **compose_env("vitserve-gpu")},
-    "compose vitserve-openvino": lambda: {**image_env("Dockerfile"), **compose_env("vitserve-openvino")},
+    "compose vitserve-cpu": lambda: {**image_env("Dockerfile"), **compose_env("vitserve-cpu")},
     "image cpu": lambda: image_env("Dockerfile"),
     "image gpu": lambda: image_env("Dockerfile.gpu"),
     "k8s deployment": lambda: k8s_env("deployment.yaml"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -17,9 +16,21 @@ from tests.deploy.dockerfile import Stage, build_args, stages
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 SERVING = {"Dockerfile": "cpu", "Dockerfile.gpu": "gpu"}
-LOCKS = {"Dockerfile": "server.lock", "Dockerfile.gpu": "server-gpu.lock"}  # as built by default
-# What --build-arg SERVER_LOCK may name instead: the same image on another build of ONNX Runtime.
-OTHER_LOCKS = {"Dockerfile": ["server-openvino.lock"], "Dockerfile.gpu": []}
+# (--build-arg values, BuildKit's TARGETARCH or None where a builder sets none) -> the lock the build
+# installs. docker/Dockerfile: ONNX Runtime's OpenVINO build by default on x86-64, the only architecture it
+# has wheels for, the plain CPU build elsewhere (without TARGETARCH: the build's own, from dpkg); a
+# SERVER_LOCK named wins.
+LOCK_CHOICES = {
+    "Dockerfile": [
+        ({}, "amd64", "server-openvino.lock"),
+        ({}, "arm64", "server.lock"),
+        ({}, None, "server-openvino.lock"),  # dpkg --print-architecture says amd64 (the stub below)
+        ({"SERVER_LOCK": "server.lock"}, "amd64", "server.lock"),
+        ({"SERVER_LOCK": "server.lock"}, "arm64", "server.lock"),
+        ({"SERVER_LOCK": "server-openvino.lock"}, "amd64", "server-openvino.lock"),
+    ],
+    "Dockerfile.gpu": [({}, "amd64", "server-gpu.lock")],
+}
 ALL = [*SERVING, "Dockerfile.train"]
 SETTINGS_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
@@ -85,43 +96,80 @@ def test_serving_image_has_no_torch_and_no_training_code(name: str) -> None:
         assert not re.search(r"\.\[[a-z,]+\]", runs), f"{name}: extras resolve at build time; use the lock"
 
 
-def resolved(text: str, args: dict[str, str]) -> str:
-    """`text` with the build ARGs' ``${NAME}`` references replaced by their values."""
-    return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], text)
+STUB = "#!/bin/sh\n{}\n"
+# pip's stub: one line per call, its arguments each ended by \x1f
+PIP_STUB = 'printf \'%s\\037\' "$@" >> "$PIP_LOG"; echo >> "$PIP_LOG"'
 
 
-def pip_installs(stage: Stage, args: dict[str, str]) -> list[list[str]]:
-    """The arguments of every `pip install` in the stage's RUN lines, build ARGs resolved."""
-    out = []
+def pip_calls(stage: Stage, args: dict[str, str], arch: str | None, tmp: Path) -> list[list[str]]:
+    """Runs the stage's RUN lines that call the venv's pip, as written, with `sh -c` and the build ARGs
+    as `docker build` gives them, but with stubs for every command they call (python makes no venv,
+    dpkg says amd64, pip only records its arguments) and nothing else on PATH: the pip calls, in order."""
+    stubs, venv, log = tmp / "stubs", tmp / "venv", tmp / "pip.log"
+    (venv / "bin").mkdir(parents=True)
+    stubs.mkdir()
+    for path, body in [
+        (stubs / "python", "exit 0"), (stubs / "python3", "exit 0"), (stubs / "dpkg", "echo amd64"),
+        (venv / "bin" / "pip", PIP_STUB),
+    ]:  # fmt: skip
+        path.write_text(STUB.format(body))
+        path.chmod(0o755)
+    env = {"PATH": str(stubs), "VIRTUAL_ENV": str(venv), "PIP_LOG": str(log), "LANG": "C.UTF-8"}
+    for inst in stage.all("ARG"):
+        name, sep, default = inst.args.partition("=")
+        if name in args or sep:
+            env[name] = args.get(name, default)
+        elif name == "TARGETARCH" and arch is not None:
+            env[name] = arch
     for run in stage.all("RUN"):
-        for step in resolved(run.args, args).split("&&"):
-            words = shlex.split(step)
-            if len(words) > 2 and words[0].endswith("/pip") and words[1] == "install":
-                out.append(words[2:])
-    return out
+        if '"$VIRTUAL_ENV/bin/pip"' in run.args:
+            result = subprocess.run(
+                ["/bin/sh", "-c", run.args], cwd=tmp, env=env, capture_output=True, text=True, timeout=30
+            )
+            assert result.returncode == 0, f"RUN {run.args}\n{result.stdout}\n{result.stderr}"
+    return [line.split("\037")[:-1] for line in log.read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", SERVING)
-def test_serving_image_installs_the_hashed_lock_then_the_project_alone(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "given", "arch", "lock"),
+    [(name, *choice) for name, choices in LOCK_CHOICES.items() for choice in choices],
+    ids=[
+        f"{name}-{'+'.join(f'{k}={v}' for k, v in given.items()) or 'default'}-{arch or 'no-TARGETARCH'}"
+        for name, choices in LOCK_CHOICES.items()
+        for given, arch, _ in choices
+    ],
+)
+def test_serving_image_installs_the_hashed_lock_then_the_project_alone(
+    name: str, given: dict[str, str], arch: str | None, lock: str, tmp_path: Path
+) -> None:
     """Reproducible images: the dependencies come only from the lock, hash-checked, and the project adds
     none of its own (its requirements would otherwise be resolved anew at build time)."""
     defaults = build_args(DOCKER / name)
     build = parsed(name)[0]
-    for lock in [LOCKS[name], *OTHER_LOCKS[name]]:
-        args = {**defaults, "SERVER_LOCK": lock} if "SERVER_LOCK" in defaults else defaults
-        installs = pip_installs(build, args)
-        assert len(installs) == 2, f"{name}: expected the lock's install and the project's, got {installs}"
-        deps, project = installs
-        assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(deps), deps
-        assert deps[deps.index("-r") + 1] == f"requirements/{lock}", deps
-        assert "--no-deps" in project and project[-1] == ".", project
-        copies = [[resolved(o, args) for o in c.operands()] for c in build.all("COPY")]
-        assert [f"requirements/{lock}", "requirements/"] in copies
-        runs = resolved(" ".join(r.args for r in build.all("RUN")), args)
-        assert runs.index(f"requirements/{lock}") < runs.index("--no-deps .")
-        assert '"$VIRTUAL_ENV/bin/pip" check' in runs  # the lock must satisfy the project's requirements
-        assert (REPO / "requirements" / lock).is_file()
-    assert defaults.get("SERVER_LOCK", LOCKS[name]) == LOCKS[name]
+    calls = pip_calls(build, {**defaults, **given}, arch, tmp_path)
+    installs = [c[1:] for c in calls if c[0] == "install"]
+    assert len(installs) == 2, f"{name}: expected the lock's install and the project's, got {calls}"
+    deps, project = installs
+    assert {"--require-hashes", "--no-deps", "--only-binary=:all:"} <= set(deps), deps
+    assert deps[deps.index("-r") + 1] == f"requirements/{lock}", deps
+    assert "--no-deps" in project and project[-1] == ".", project
+    assert calls[-1] == ["check"] and calls.index(["check"]) > calls.index(["install", *project])
+    # the lock is in the build context that far: COPYed into requirements/ before its install
+    copied = [c.operands() for c in build.all("COPY") if c.operands()[-1] == "requirements/"]
+    assert any(f"requirements/{lock}" in sources[:-1] for sources in copied), copied
+    assert (REPO / "requirements" / lock).is_file()
+
+
+def test_cpu_image_picks_its_lock_by_default_and_is_told_the_plain_build() -> None:
+    """docker/Dockerfile's SERVER_LOCK defaults to `auto`, its build stage reads the architecture BuildKit
+    sets, and it copies both locks it may pick; the GPU image has one lock and no choice."""
+    assert build_args(DOCKER / "Dockerfile") == {"SERVER_LOCK": "auto"}
+    declared = {i.args for i in parsed("Dockerfile")[0].all("ARG")}
+    assert declared == {"SERVER_LOCK", "TARGETARCH"}
+    copied = [c.operands() for c in parsed("Dockerfile")[0].all("COPY")]
+    assert ["requirements/server.lock", "requirements/server-openvino.lock", "requirements/"] in copied
+    assert "--build-arg SERVER_LOCK=server.lock" in (DOCKER / "Dockerfile").read_text()  # said how
+    assert build_args(DOCKER / "Dockerfile.gpu") == {}
 
 
 def test_cpu_extra_has_no_torch() -> None:

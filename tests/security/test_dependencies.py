@@ -1,7 +1,7 @@
-"""The server's locked dependencies (requirements/server.lock for the CPU image, server-gpu.lock for the
-GPU one, server-openvino.lock for the CPU image on ONNX Runtime's OpenVINO build): each lock matches
-pyproject.toml, every known advisory is fixed in the locks and the floors, and two audits find nothing:
-tools/audit_lock.py from PyPI's project JSON (what CI reaches), and pip-audit
+"""The server's locked dependencies in requirements/ (server-openvino.lock for the CPU image on x86-64, ONNX
+Runtime's OpenVINO build; server.lock for it elsewhere and as the plain CPU build; server-gpu.lock for the
+GPU image): each lock matches pyproject.toml, every known advisory is fixed in the locks and the floors,
+and two audits find nothing: tools/audit_lock.py from PyPI's project JSON (what CI reaches), and pip-audit
 from the per-release JSON where that answers — each says plainly when its data could not be reached.
 
 How to handle a finding: SECURITY.md, "Dependencies".
@@ -81,7 +81,7 @@ def test_every_pin_carries_hashes(lock: str) -> None:
 @pytest.mark.parametrize(("lock", "dockerfile", "base"), [
     ("server.lock", "Dockerfile", r"python:3\.11\.\d+-"),
     ("server-gpu.lock", "Dockerfile.gpu", r"ubuntu24\.04$"),  # Ubuntu 24.04's python3 is CPython 3.12
-    ("server-openvino.lock", "Dockerfile", r"python:3\.11\.\d+-"),  # --build-arg SERVER_LOCK=...
+    ("server-openvino.lock", "Dockerfile", r"python:3\.11\.\d+-"),  # its default on amd64
 ])  # fmt: skip
 def test_each_lock_is_compiled_for_its_image_python(lock: str, dockerfile: str, base: str) -> None:
     python = {"server.lock": "3.11", "server-gpu.lock": "3.12", "server-openvino.lock": "3.11"}[lock]
