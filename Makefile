@@ -1,4 +1,4 @@
-# vitserve — every target creates .venv and installs what it needs; nothing is done by hand.
+# vitserve — every target creates its venv (.venv; .venv-serve for serve) and installs what it needs.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -12,12 +12,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# Serving has a venv of its own with only the server's dependencies (no torch): on x86-64 ONNX Runtime's
+# Serving has a venv of its own with only the server's dependencies (no torch): on Linux x86-64 ONNX Runtime's
 # OpenVINO build (bf16 on CPUs that multiply bf16; the default image installs the same), elsewhere the
 # CPU build. SERVE_EXTRA=cpu serves on the CPU build on x86-64 too.
 SERVE_VENV  ?= .venv-serve
 SERVE_PY    := $(SERVE_VENV)/bin/python
-SERVE_EXTRA ?= $(if $(filter x86_64,$(shell uname -m)),openvino,cpu)
+SERVE_EXTRA ?= $(if $(and $(filter Linux,$(shell uname -s)),$(filter x86_64,$(shell uname -m))),openvino,cpu)
 SERVE_STAMP := $(SERVE_VENV)/.installed-$(SERVE_EXTRA)
 $(SERVE_STAMP): pyproject.toml
 	rm -rf $(SERVE_VENV)
@@ -34,7 +34,7 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 # The OpenVINO build of ONNX Runtime (what `pip install -e '.[openvino]'` gives a server venv) cannot
 # share a venv with the CPU build, so tests and benchmarks keep it in its own folder and put that first
 # on PYTHONPATH for the server processes that use it (its dependencies are all in the dev venv).
-# The same build the OpenVINO image ships (requirements/server-openvino.lock).
+# The same build the default image ships on amd64 (requirements/server-openvino.lock).
 ORT_OPENVINO_VERSION := $(shell sed -n 's/^onnxruntime-openvino==\([^ ]*\).*/\1/p' requirements/server-openvino.lock)
 OPENVINO_DIR := $(abspath $(VENV))/openvino
 OPENVINO_STAMP := $(OPENVINO_DIR)/.installed-$(ORT_OPENVINO_VERSION)

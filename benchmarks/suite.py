@@ -187,7 +187,8 @@ class Suite:
         cpu_defaults, cpu_tuned = "vitserve, CPU build (defaults)", "vitserve, CPU build (recommended)"
         defaults = servers.vitserve(repo, name, "fp32", label=cpu_defaults)
         self.measure(defaults, model, "fp32", overload, paired=True)
-        points = overload if on_openvino else overload + plan.extra_points()
+        ran = {r["server"] for r in self.results["servers"] if "skipped" not in r}
+        points = overload if "vitserve-openvino-tuned" in ran else overload + plan.extra_points()
         tuned_server = servers.vitserve(repo, name, "fp32", settings, label=cpu_tuned)
         self.measure(tuned_server, model, "fp32", points, tuned, paired=True)
         if model.has("int8"):  # on the CPU provider in either build (server.runtime)
