@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,26 @@ def test_a_second_freeze_collects_cycles_that_were_frozen() -> None:
     assert ref() is not None
     freeze_long_lived()  # what a later load or unload does
     assert ref() is None
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads resident memory from /proc")
+def test_memory_freed_below_the_top_of_the_heap_goes_back_to_the_system() -> None:
+    """glibc returns freed heap memory only from the heap's top by itself; a load's transient copies
+    (the graph's bytes, protobuf, the runtimes' own) are freed beneath what the load keeps."""
+    from server.heap import _malloc_trim, release_free_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("no malloc_trim in this C library")
+    release_free_memory()
+    chunks = [bytearray(64 * 1024) for _ in range(2000)]  # 125 MiB from malloc's heap, pages touched
+    kept = [bytearray(64 * 1024) for _ in range(4)]  # allocated above them: the top stays in use
+    del chunks
+    before = _resident_mb()
+    assert release_free_memory()
+    assert before - _resident_mb() > 60, "freed heap pages stayed resident"
+    assert all(len(k) == 64 * 1024 for k in kept)
